@@ -1,0 +1,6 @@
+from jfcnn.models.fpn import FPN as FPN
+from jfcnn.models.resnet import BasicBlock as BasicBlock
+from jfcnn.models.resnet import Bottleneck as Bottleneck
+from jfcnn.models.resnet import FrozenBatchNorm as FrozenBatchNorm
+from jfcnn.models.resnet import ResNet as ResNet
+from jfcnn.models.resnet import ResNetStage as ResNetStage
