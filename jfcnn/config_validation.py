@@ -1,0 +1,143 @@
+"""Checks a run config before anything expensive happens.
+
+ml_collections already rejects ``--config.unknown=1`` overrides and ill-typed
+overrides of existing fields, but not a misspelled field written in a config
+file, a ``None`` where a number is needed, or a value outside its choices.
+This module catches those with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+_NUMBER = (int, float)
+_SECTION = (ml_collections.ConfigDict, Mapping)
+_SEQUENCE = (tuple, list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    types: tuple[type, ...]
+    choices: tuple[Any, ...] | None = None
+    optional: bool = False  # None allowed
+    minimum: float | None = None
+
+
+def _f(types, *, choices=None, optional=False, minimum=None) -> Field:
+    types = types if isinstance(types, tuple) else (types,)
+    return Field(types, choices, optional, minimum)
+
+
+# Top-level fields shared by every task.
+COMMON: dict[str, Field] = {
+    "task": _f(str, choices=("semantic", "instance")),
+    "seed": _f(int),
+    "batch_size": _f(int, minimum=1),
+    "num_train_steps": _f(int, minimum=0),
+    "learning_rate": _f(_NUMBER, minimum=0),
+    "lr_schedule": _f(str, choices=("constant", "cosine", "warmup_cosine")),
+    "warmup_steps": _f(int, minimum=0),
+    "optimizer": _f(str, choices=("adam", "adamw", "sgd")),
+    "momentum": _f(_NUMBER, minimum=0),
+    "weight_decay": _f(_NUMBER, minimum=0),
+    "grad_clip_norm": _f(_NUMBER, minimum=0),
+    "checkpoint_every_steps": _f(int, minimum=1),
+    "keep_checkpoints": _f(int, minimum=1),
+    "eval_every_steps": _f(int, minimum=1),
+    "log_every_steps": _f(int, minimum=1),
+    "parallelism": _f(str, choices=("jit", "pmap")),
+    "num_eval_images": _f(int, minimum=0),
+    "model": _f(_SECTION),
+    "data": _f(_SECTION),
+    "loss": _f(_SECTION),
+}
+
+DATA: dict[str, Field] = {
+    "name": _f(str),
+    "data_dir": _f(str, optional=True),
+    "image_size": _f(int, minimum=8),
+    "train_split": _f(str),
+    "eval_split": _f(str),
+    "shuffle_buffer": _f(int, minimum=1),
+    "augment": _f(bool),
+    "scale_range": _f(_SEQUENCE),
+    "max_instances": _f(int, minimum=1),
+    "cache": _f(bool),
+}
+
+LOSS: dict[str, Field] = {
+    "dice_weight": _f(_NUMBER, minimum=0),
+}
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing, ill-typed or out of range."""
+
+
+def _check_section(
+    section: Mapping[str, Any], schema: Mapping[str, Field], prefix: str, *, required: bool = True
+) -> None:
+    for key in section:
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f" Did you mean `{prefix}{close[0]}`?" if close else ""
+            raise ConfigError(
+                f"Unknown config key `{prefix}{key}`.{hint} "
+                f"Known keys here: {', '.join(sorted(schema))}."
+            )
+    for key, field in schema.items():
+        name = f"{prefix}{key}"
+        if key not in section:
+            if required and not field.optional:
+                raise ConfigError(f"Config key `{name}` is missing; add it to the config file.")
+            continue
+        value = section[key]
+        if value is None:
+            if field.optional:
+                continue
+            raise ConfigError(f"Config key `{name}` is None; it needs a value.")
+        # bool is an int subclass; do not let True pass as a step count.
+        ok = isinstance(value, field.types) and not (
+            isinstance(value, bool) and bool not in field.types
+        )
+        if not ok:
+            expected = " or ".join(t.__name__ for t in field.types)
+            shown = "" if isinstance(value, _SECTION) else f" {value!r}"
+            raise ConfigError(
+                f"Config key `{name}` must be {expected}, got {type(value).__name__}{shown}."
+            )
+        if field.choices is not None and value not in field.choices:
+            raise ConfigError(
+                f"Config key `{name}` is {value!r}; choose one of {list(field.choices)}."
+            )
+        if field.minimum is not None and value < field.minimum:
+            raise ConfigError(f"Config key `{name}` is {value!r}; it must be >= {field.minimum}.")
+
+
+def validate_config(
+    config: ml_collections.ConfigDict, *, model_fields: Mapping[str, Any] | None = None
+) -> None:
+    """Raises ``ConfigError`` naming the first bad key of ``config``.
+
+    Args:
+      config: a run config (see ``configs/``).
+      model_fields: the keyword arguments the task's model accepts (besides
+        ``name``); when given, ``config.model`` keys are checked against them.
+    """
+    _check_section(config, COMMON, "")
+    _check_section(config.data, DATA, "data.", required=False)
+    for key in ("name", "image_size", "train_split", "eval_split"):
+        if key not in config.data:
+            raise ConfigError(f"Config key `data.{key}` is missing; add it to the config file.")
+    _check_section(config.loss, LOSS, "loss.", required=False)
+    if "name" not in config.model:
+        raise ConfigError("Config key `model.name` is missing (e.g. 'unet').")
+    if model_fields is not None:
+        schema = {"name": _f(str)}
+        schema.update({k: Field((object,), optional=True) for k in model_fields})
+        _check_section(config.model, schema, "model.", required=False)

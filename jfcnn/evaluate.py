@@ -1,0 +1,154 @@
+"""Evaluates a trained work directory.
+
+    python -m jfcnn.evaluate --workdir runs/unet [--step 400]
+
+Restores the checkpoint (the latest by default) on whatever devices this
+machine has (a checkpoint written on 8 devices restores on 1), evaluates the
+validation split, prints the metrics and writes ``<workdir>/eval/metrics.json``
+plus PNG pictures (input | ground truth | prediction) of the first examples.
+
+From Python (a notebook, another script)::
+
+    config, task, variables, step = jfcnn.evaluate.load_trained("runs/unet")
+    logits = task.model.apply(variables, images, train=False)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jfcnn import checkpoint as ckpt
+
+EVAL_DIR = "eval"
+
+
+def _mesh_shardings() -> tuple[NamedSharding, NamedSharding]:
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def run_evaluation(
+    config: ml_collections.ConfigDict, task, variables: Any
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """One pass over ``config.data.eval_split``; returns (metrics, pictures).
+
+    The eval step runs under ``jit`` with the batch sharded over all devices,
+    whatever parallelism training used.
+    """
+    from jfcnn import data as data_lib
+
+    replicated, data_sharding = _mesh_shardings()
+    variables = jax.device_put(variables, replicated)
+    eval_step = _compiled_eval_step(task)
+    evaluator = task.new_evaluator(config.num_eval_images)
+    for batch in data_lib.create_eval_iterator(config):
+        device_batch = jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
+        )
+        outputs = jax.device_get(eval_step(variables, device_batch))
+        evaluator.update(outputs, batch)
+    return evaluator.result(), evaluator.images
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_eval_step(task):
+    # Cached per task object so periodic evaluation during training compiles once.
+    return jax.jit(task.eval_step)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+        elif isinstance(value, int):
+            parts.append(f"{key} {value}")
+    return "  ".join(parts)
+
+
+def load_trained(workdir: str, step: int | None = None):
+    """Restores a run on this machine's devices.
+
+    Returns:
+      ``(config, task, variables, step)``: the run's config, its task (whose
+      ``.model`` is the flax module), the variables for ``model.apply``
+      (``{"params": ..., **model_state}``, replicated on all local devices) and
+      the restored step.
+    """
+    from jfcnn import data as data_lib
+    from jfcnn import train as train_lib
+
+    config = ckpt.load_config(workdir)
+    metadata = data_lib.dataset_metadata(config)
+    task = train_lib.get_task(config, metadata)
+    tx, _ = train_lib.create_optimizer(config)
+    init = functools.partial(train_lib.create_train_state, task, tx)
+    replicated, _ = _mesh_shardings()
+    abstract = ckpt.abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), replicated)
+    manager = ckpt.create_manager(workdir, read_only=True)
+    try:
+        state = ckpt.restore(manager, abstract, step)
+    finally:
+        manager.close()
+    variables = {"params": state.params, **state.model_state}
+    return config, task, variables, int(state.step)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a class absent from the split has no IoU.
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """Restores ``workdir``, evaluates it and writes ``<workdir>/eval/``."""
+    from jfcnn import visualize
+
+    config, task, variables, restored_step = load_trained(workdir, step)
+    metrics, images = run_evaluation(config, task, variables)
+    metrics["step"] = restored_step
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, EVAL_DIR)
+        os.makedirs(out_dir, exist_ok=True)
+        for i, image in enumerate(images):
+            visualize.save_png(os.path.join(out_dir, f"example_{i:02d}.png"), image)
+        path = os.path.join(out_dir, "metrics.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(_json_safe(metrics), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+    return metrics
+
+
+def main(argv) -> None:
+    del argv
+    from jfcnn.errors import exit_on_user_error
+    from jfcnn.train import quiet_library_logs
+
+    quiet_library_logs()
+    with exit_on_user_error():
+        metrics = evaluate_workdir(FLAGS.workdir, FLAGS.step)
+    print(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
+    print(f"Wrote {os.path.join(FLAGS.workdir, EVAL_DIR, 'metrics.json')}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+    FLAGS = flags.FLAGS
+    app.run(main)

@@ -1,0 +1,171 @@
+"""Semantic segmentation task: U-Net model, pixel losses, confusion-matrix evaluation.
+
+A task tells the generic loop in ``jfcnn.train`` what to build and how to score
+it; the loop itself (parallelism, checkpoints, logging) knows nothing of
+segmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jfcnn import metrics as metrics_lib
+from jfcnn import visualize
+from jfcnn.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+
+# Fields of a model that the task sets itself rather than the config.
+_TASK_SET_FIELDS = {"parent", "name", "num_classes", "bn_axis_name"}
+
+
+def _dtype(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def model_fields(model_cls: type[nn.Module]) -> list[str]:
+    return [f.name for f in dataclasses.fields(model_cls) if f.name not in _TASK_SET_FIELDS]
+
+
+def build_model(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    models: dict[str, type[nn.Module]],
+    *,
+    bn_axis_name: str | None = None,
+) -> nn.Module:
+    """Instantiates ``config.model`` (``name`` picks the class, the rest are kwargs)."""
+    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    model_cls = models[config.model.name]
+    for key in ("dtype", "param_dtype"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = _dtype(kwargs[key])
+    if "bn_axis_name" in {f.name for f in dataclasses.fields(model_cls)}:
+        kwargs["bn_axis_name"] = bn_axis_name
+    return model_cls(num_classes=num_classes, **kwargs)
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """``1 - mean Dice`` of softmax probabilities, per example, shape ``(B,)``.
+
+    Computed per example (not over the batch) so that it decomposes over
+    devices: the mean over a sharded batch equals the single-device value.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    intersection = jnp.sum(probs * onehot, axis=(1, 2))
+    denominator = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
+    dice = (2.0 * intersection + 1.0) / (denominator + 1.0)
+    return 1.0 - jnp.mean(dice, axis=-1)
+
+
+class SemanticSegmentationTask:
+    """Per-pixel classification with a U-Net."""
+
+    name = "semantic"
+    models = MODELS
+
+    def __init__(self, config: ml_collections.ConfigDict, metadata: Any, *, axis_name=None):
+        self.config = config
+        self.metadata = metadata
+        self.num_classes = metadata.num_classes
+        self.model = build_model(config, self.num_classes, self.models, bn_axis_name=axis_name)
+
+    # -- model -------------------------------------------------------------
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        size = self.config.data.image_size
+        dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+        return dict(self.model.init(rng, dummy, train=False))
+
+    def _apply(self, params, model_state, images, *, train: bool):
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            logits, new_state = self.model.apply(
+                variables, images, train=True, mutable=list(model_state)
+            )
+            return logits, dict(new_state)
+        return self.model.apply(variables, images, train=train), model_state
+
+    # -- training ----------------------------------------------------------
+    def loss_fn(self, params, model_state, batch, example_keys):
+        """Mean loss over the (local) batch, new model state, and metrics."""
+        del example_keys  # The U-Net has no stochastic layers.
+        logits, new_state = self._apply(params, model_state, batch["image"], train=True)
+        logits = logits.astype(jnp.float32)
+        labels = batch["mask"]
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(
+            axis=(1, 2)
+        )
+        loss = cross_entropy
+        metrics = {"cross_entropy": cross_entropy.mean()}
+        if self.config.loss.get("dice_weight", 0.0):
+            dice = soft_dice_loss(logits, labels, self.num_classes)
+            loss = loss + self.config.loss.dice_weight * dice
+            metrics["dice_loss"] = dice.mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        metrics["pixel_accuracy"] = accuracy
+        return loss.mean(), (new_state, metrics)
+
+    # -- evaluation --------------------------------------------------------
+    def eval_step(self, variables, batch) -> dict[str, jax.Array]:
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        logits, _ = self._apply(params, model_state, batch["image"], train=False)
+        predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        valid = batch["valid"].astype(jnp.float32)
+        pixel_ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["mask"]
+        ).mean(axis=(1, 2))
+        return {
+            "confusion": metrics_lib.confusion_matrix(
+                batch["mask"], predictions, self.num_classes, weights=valid[:, None, None]
+            ),
+            "loss_sum": jnp.sum(pixel_ce * valid),
+            "count": jnp.sum(valid),
+            "predictions": predictions,
+        }
+
+    def new_evaluator(self, num_images: int) -> SemanticEvaluator:
+        return SemanticEvaluator(self.num_classes, num_images)
+
+
+class SemanticEvaluator:
+    """Accumulates eval-step outputs over a split on the host."""
+
+    def __init__(self, num_classes: int, num_images: int):
+        self.num_classes = num_classes
+        self.num_images = num_images
+        self.confusion = np.zeros((num_classes, num_classes), np.int64)
+        self.loss_sum = 0.0
+        self.count = 0.0
+        self.images: list[np.ndarray] = []
+
+    def update(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
+        self.confusion += np.asarray(outputs["confusion"], np.int64)
+        self.loss_sum += float(outputs["loss_sum"])
+        self.count += float(outputs["count"])
+        for i in np.flatnonzero(batch["valid"]):
+            if len(self.images) >= self.num_images:
+                break
+            self.images.append(
+                visualize.segmentation_panel(
+                    batch["image"][i],
+                    batch["mask"][i],
+                    np.asarray(outputs["predictions"][i]),
+                    self.num_classes,
+                )
+            )
+
+    def result(self) -> dict[str, Any]:
+        result = metrics_lib.segmentation_metrics(self.confusion)
+        result["loss"] = self.loss_sum / max(self.count, 1.0)
+        result["num_examples"] = int(self.count)
+        return result

@@ -1,0 +1,506 @@
+"""The training loop shared by every jfcnn task.
+
+``train_and_evaluate(config, workdir)`` builds the task's model, an Optax
+optimizer, the tf.data input pipeline and an Orbax checkpoint manager, then
+runs ``train_step`` under ``jax.jit`` (batch sharded over a 1-D ``data`` mesh
+of all devices, parameters replicated) or ``jax.pmap`` (``pmean`` of the
+gradients), evaluating and checkpointing on a fixed schedule.
+
+Resuming is exact: a run that is killed after a checkpoint, or stopped with
+SIGTERM (which saves the current step and exits cleanly, as on a preempted TPU
+VM), and then restarted with the same command ends with bit-identical
+parameters to an uninterrupted run, because the state, the RNG and the data
+position (a function of ``seed`` and the step) are all restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jfcnn import checkpoint as ckpt
+from jfcnn import config_validation
+
+PMAP_AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    params: Any
+    model_state: Any  # non-trainable collections, e.g. {"batch_stats": ...}
+    opt_state: Any
+    rng: jax.Array  # base key; step and example keys are folded from it
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient."""
+
+
+# ---------------------------------------------------------------------------
+# Tasks and optimizers
+
+
+def get_task(config: ml_collections.ConfigDict, metadata: Any, *, axis_name: str | None = None):
+    """The task object for ``config.task`` (model, loss, evaluation)."""
+    if config.task == "semantic":
+        from jfcnn.semantic import SemanticSegmentationTask
+
+        return SemanticSegmentationTask(config, metadata, axis_name=axis_name)
+    if config.task == "instance":
+        from jfcnn.instance import InstanceSegmentationTask
+
+        return InstanceSegmentationTask(config, metadata, axis_name=axis_name)
+    raise config_validation.ConfigError(
+        f"Config key `task` is {config.task!r}; choose 'semantic' or 'instance'."
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the config, including the model's keys, before any work starts."""
+    config_validation.validate_config(config)
+    if config.task == "semantic":
+        from jfcnn import semantic as task_module
+    else:
+        from jfcnn import instance as task_module
+    name = config.model.name
+    if name not in task_module.MODELS:
+        raise config_validation.ConfigError(
+            f"Config key `model.name` is {name!r}; choose one of {sorted(task_module.MODELS)}."
+        )
+    config_validation.validate_config(
+        config, model_fields=task_module.model_fields(task_module.MODELS[name])
+    )
+
+
+def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    lr, steps = config.learning_rate, max(config.num_train_steps, 1)
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(lr)
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, decay_steps=steps)
+    warmup = min(config.warmup_steps, steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=steps
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = create_learning_rate_schedule(config)
+    if config.optimizer == "adam":
+        tx = optax.adam(schedule)
+    elif config.optimizer == "adamw":
+        tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    else:
+        tx = optax.sgd(schedule, momentum=config.momentum or None, nesterov=False)
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx, schedule
+
+
+def create_train_state(task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    variables = dict(task.init_variables(init_rng))
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=variables,
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(
+    task, tx: optax.GradientTransformation, schedule: optax.Schedule, *, axis_name=None
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the pure ``train_step(state, batch) -> (state, metrics)``.
+
+    With ``axis_name`` the step runs per device under ``pmap`` and averages
+    gradients, loss and model state across devices. Either way a step whose
+    loss or gradients are not finite leaves the state unchanged and reports
+    ``finite=False``, so a NaN never reaches the parameters or a checkpoint.
+    """
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        local_batch = batch["image"].shape[0]
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        # One key per example of the global batch, so a stochastic loss gives
+        # the same result whatever the number of devices.
+        if axis_name is None:
+            example_keys = jax.random.split(step_rng, local_batch)
+        else:
+            shards = jax.lax.psum(1, axis_name)
+            all_keys = jax.random.split(step_rng, local_batch * shards)
+            start = jax.lax.axis_index(axis_name) * local_batch
+            example_keys = jax.lax.dynamic_slice_in_dim(all_keys, start, local_batch)
+
+        def loss_fn(params):
+            return task.loss_fn(params, state.model_state, batch, example_keys)
+
+        (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        if axis_name is not None:
+            grads, loss, metrics, model_state = jax.lax.pmean(
+                (grads, loss, metrics, model_state), axis_name
+            )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+        new_state = state.replace(
+            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+        )
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step), finite=finite)
+        return new_state, metrics
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------
+# Parallelism: how the same step is wrapped and fed
+
+
+class JitParallelism:
+    """Batch sharded over a ``data`` mesh of all devices, state replicated."""
+
+    name = "jit"
+    axis_name = None
+
+    def __init__(self):
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.num_devices = len(jax.devices())
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch
+        )
+
+    def compile_step(self, step_fn):
+        return jax.jit(step_fn, donate_argnums=0)
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.replicated)
+
+    def unreplicate(self, state: TrainState) -> TrainState:
+        return state
+
+    def host_metrics(self, metrics: dict) -> dict:
+        return jax.device_get(metrics)
+
+
+class PmapParallelism:
+    """One state copy per local device; the step ``pmean``s its gradients."""
+
+    name = "pmap"
+    axis_name = PMAP_AXIS
+
+    def __init__(self):
+        self.num_devices = jax.local_device_count()
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = self.num_devices
+        return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+    def compile_step(self, step_fn):
+        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return flax.jax_utils.replicate(state)
+
+    def unreplicate(self, state: TrainState) -> TrainState:
+        return flax.jax_utils.unreplicate(state)
+
+    def host_metrics(self, metrics: dict) -> dict:
+        return jax.tree.map(lambda x: x[0], jax.device_get(metrics))
+
+
+def get_parallelism(config: ml_collections.ConfigDict):
+    parallelism = JitParallelism() if config.parallelism == "jit" else PmapParallelism()
+    per_process = config.batch_size // jax.process_count()
+    if config.batch_size % jax.process_count() or per_process % parallelism.num_devices:
+        raise config_validation.ConfigError(
+            f"Config key `batch_size` is {config.batch_size}; with {config.parallelism} on "
+            f"{jax.device_count()} devices it must be a multiple of {jax.device_count()}."
+        )
+    return parallelism
+
+
+# ---------------------------------------------------------------------------
+# Preemption
+
+
+class PreemptionHandler(contextlib.AbstractContextManager):
+    """Turns SIGTERM into a request to checkpoint and stop after this step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        self.requested = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Logging
+
+
+class SummaryWriter:
+    """TensorBoard event files via ``tf.summary`` (written by process 0 only)."""
+
+    def __init__(self, logdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            import tensorflow as tf
+
+            self._tf = tf
+            self._writer = tf.summary.create_file_writer(logdir)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        with self._writer.as_default():
+            for name, value in values.items():
+                if np.isscalar(value) and np.isfinite(value):
+                    self._tf.summary.scalar(name, float(value), step=step)
+        self._writer.flush()
+
+    def images(self, step: int, name: str, images: list[np.ndarray]) -> None:
+        if self._writer is None or not images:
+            return
+        with self._writer.as_default():
+            self._tf.summary.image(name, np.stack(images), step=step, max_outputs=len(images))
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _LibraryInfoFilter:
+    """Drops INFO records of chatty libraries (Orbax, TFDS) from the absl log."""
+
+    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+
+    def filter(self, record) -> bool:
+        return record.levelno > 20 or not any(p in record.pathname for p in self._NOISY)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the log readable: progress lines, not every Orbax write."""
+    import logging as python_logging
+
+    absl_logger = python_logging.getLogger("absl")
+    if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_LibraryInfoFilter())
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def _save_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+    """Saves the config; a different config already there is kept as a backup."""
+    path = os.path.join(workdir, ckpt.CONFIG_FILE)
+    if jax.process_index() == 0 and os.path.exists(path):
+        with open(path) as f:
+            previous = f.read()
+        if previous != config.to_json_best_effort(indent=2, sort_keys=True):
+            backup = os.path.join(workdir, f"config.before_step_{step}.{int(time.time())}.json")
+            os.replace(path, backup)
+            logging.warning("The config changed since the last run; the old one is in %s", backup)
+    ckpt.save_config(workdir, config)
+
+
+def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
+    rng = jax.random.PRNGKey(config.seed)
+    init = jax.jit(functools.partial(create_train_state, task, tx))
+    latest = ckpt.latest_step(manager)
+    if latest is None:
+        state = init(rng)
+    else:
+        replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+        abstract = ckpt.abstract_like(jax.eval_shape(init, rng), replicated)
+        try:
+            state = ckpt.restore(manager, abstract, latest)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"The checkpoint at step {latest} in {manager.directory} does not match the model "
+                f"built from this config ({e}). Resume with the config the run started with "
+                f"(saved in {ckpt.CONFIG_FILE}), or use a new --workdir."
+            ) from e
+        logging.info("Resuming from the checkpoint at step %d.", latest)
+    return parallelism.put_state(state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+    Returns the metrics of the final evaluation.
+    """
+    from jfcnn import data as data_lib
+    from jfcnn import evaluate as evaluate_lib
+
+    validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    parallelism = get_parallelism(config)
+    metadata = data_lib.dataset_metadata(config)
+    task = get_task(config, metadata, axis_name=parallelism.axis_name)
+    tx, schedule = create_optimizer(config)
+
+    manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+    state = _restore_or_init(config, task, tx, parallelism, manager)
+    start_step = int(jax.device_get(parallelism.unreplicate(state).step))
+    _save_config(workdir, config, start_step)
+
+    train_step = parallelism.compile_step(
+        make_train_step(task, tx, schedule, axis_name=parallelism.axis_name)
+    )
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    eval_metrics: dict[str, Any] = {}
+    num_steps = config.num_train_steps
+    logging.info(
+        "Training %s/%s for %d steps from step %d on %d %s device(s) with %s.",
+        config.task,
+        config.model.name,
+        num_steps,
+        start_step,
+        jax.device_count(),
+        jax.devices()[0].platform,
+        parallelism.name,
+    )
+
+    def run_eval(step: int) -> dict[str, Any]:
+        state_host = parallelism.unreplicate(state)
+        variables = {"params": state_host.params, **state_host.model_state}
+        result, images = evaluate_lib.run_evaluation(config, task, variables)
+        result["step"] = step
+        logging.info("eval step %d: %s", step, evaluate_lib.format_metrics(result))
+        writer.scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        writer.images(step, "eval/input_truth_prediction", images)
+        return result
+
+    train_iter: Iterator[dict[str, np.ndarray]] = data_lib.create_train_iterator(
+        config, start_step=start_step
+    )
+    pending: list[tuple[int, dict]] = []
+    timer_step, timer_start = start_step, time.perf_counter()
+
+    def flush_metrics(step: int) -> None:
+        """Fetches the metrics of the steps since the last flush; stops on NaN."""
+        nonlocal pending, timer_step, timer_start
+        if not pending:
+            return
+        fetched = [(s, parallelism.host_metrics(m)) for s, m in pending]
+        pending = []
+        for s, m in fetched:
+            if not bool(m["finite"]):
+                raise NonFiniteLossError(
+                    f"The loss or its gradients became NaN/Inf at step {s} (loss={m['loss']}). "
+                    f"Training stopped; the parameters were not updated by that step, and the "
+                    f"last checkpoint in {manager.directory} (step {ckpt.latest_step(manager)}) "
+                    "is intact. Lower `learning_rate`, set `grad_clip_norm`, or check the data."
+                )
+        mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+        mean.pop("finite")
+        now = time.perf_counter()
+        steps_per_sec = (step - timer_step) / max(now - timer_start, 1e-9)
+        timer_step, timer_start = step, now
+        eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+        logging.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  %.1f images/s  ETA %s",
+            step,
+            num_steps,
+            mean["loss"],
+            mean["learning_rate"],
+            steps_per_sec,
+            steps_per_sec * config.batch_size,
+            _format_duration(eta) if math.isfinite(eta) else "?",
+        )
+        writer.scalars(
+            step,
+            {
+                **{f"train/{k}": v for k, v in mean.items()},
+                "train/steps_per_sec": steps_per_sec,
+                "train/images_per_sec": steps_per_sec * config.batch_size,
+            },
+        )
+
+    with PreemptionHandler() as preemption:
+        for step in range(start_step, num_steps):
+            batch = next(train_iter)
+            state, metrics = train_step(state, parallelism.put_batch(batch))
+            pending.append((step, metrics))
+            done = step + 1
+            is_last = done == num_steps
+            log_now = done % config.log_every_steps == 0
+            eval_now = done % config.eval_every_steps == 0 and not is_last
+            save_now = done % config.checkpoint_every_steps == 0 or is_last or preemption.requested
+            if log_now or eval_now or save_now or is_last:
+                flush_metrics(done)
+            if save_now:
+                ckpt.save(manager, done, parallelism.unreplicate(state))
+            if preemption.requested:
+                logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", done)
+                manager.close()
+                writer.close()
+                return {"step": done, "preempted": True}
+            if eval_now:
+                eval_metrics = run_eval(done)
+        final_step = int(jax.device_get(parallelism.unreplicate(state).step))
+        if ckpt.latest_step(manager) != final_step:
+            ckpt.save(manager, final_step, parallelism.unreplicate(state))
+        eval_metrics = run_eval(final_step)
+    manager.close()
+    writer.close()
+    return eval_metrics

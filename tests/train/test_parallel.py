@@ -1,0 +1,63 @@
+"""jit and pmap on 8 faked CPU devices train to the same result as one device."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jfcnn import evaluate
+
+pytestmark = pytest.mark.slow
+
+EIGHT_DEVICES = {
+    **os.environ,
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+}
+
+
+def test_jit_and_pmap_on_eight_devices_match_one_device(runner, tmp_path):
+    steps = {"num_train_steps": 6, "checkpoint_every_steps": 6, "eval_every_steps": 6}
+    runs = {
+        "one_device": dict(env=None, parallelism="jit"),
+        "jit8": dict(env=EIGHT_DEVICES, parallelism="jit"),
+        "pmap8": dict(env=EIGHT_DEVICES, parallelism="pmap"),
+    }
+    for name, options in runs.items():
+        result = runner.run(tmp_path / name, **options, **steps)
+        expected_devices = 1 if options["env"] is None else 8
+        assert f"on {expected_devices} cpu device(s) with {options['parallelism']}" in (
+            result.stderr
+        )
+
+    # Every checkpoint restores here, on this process's single device.
+    assert jax.device_count() == 1
+    params = {}
+    for name in runs:
+        _, _, variables, step = evaluate.load_trained(str(tmp_path / name))
+        assert step == 6
+        params[name] = jax.device_get(variables["params"])
+
+    reference = jax.tree.leaves(params["one_device"])
+    for name in ("jit8", "pmap8"):
+        for ours, ref in zip(jax.tree.leaves(params[name]), reference, strict=True):
+            # Only the order of the cross-device sums differs.
+            np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-5)
+    # The runs really trained: parameters moved away from initialization.
+    initial = _initial_params(runner, tmp_path)
+    moved = [np.max(np.abs(a - b)) for a, b in zip(reference, initial, strict=True)]
+    assert max(moved) > 1e-3
+
+
+def _initial_params(runner, tmp_path):
+    from jfcnn import checkpoint as ckpt
+    from jfcnn import data as data_lib
+    from jfcnn import train as train_lib
+
+    config = ckpt.load_config(str(tmp_path / "one_device"))
+    task = train_lib.get_task(config, data_lib.dataset_metadata(config))
+    tx, _ = train_lib.create_optimizer(config)
+    state = train_lib.create_train_state(task, tx, jax.random.PRNGKey(config.seed))
+    return jax.tree.leaves(jax.device_get(state.params))

@@ -1,0 +1,179 @@
+"""End-to-end training on a shrunken config: train.py, evaluate, resume, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jfcnn import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def _load_params(workdir, step=None):
+    config, task, variables, restored_step = evaluate.load_trained(str(workdir), step)
+    return jax.device_get(variables), restored_step
+
+
+def _assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference_run(runner, tmp_path_factory):
+    """An uninterrupted 12-step run: the baseline every resume must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = runner.run(workdir)
+    return workdir, result
+
+
+def test_training_writes_checkpoints_logs_and_config(reference_run):
+    workdir, result = reference_run
+    assert _checkpoint_steps(workdir) == [4, 8, 12]  # keep_checkpoints=3
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["num_train_steps"] == 12 and saved["data"]["image_size"] == 32
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    # Progress lines carry step, loss, throughput and ETA.
+    assert "step 12/12" in result.stderr and "images/s" in result.stderr and "ETA" in result.stderr
+    first_loss = float(result.stderr.split("step 4/12  loss ")[1].split()[0])
+    last_loss = float(result.stderr.split("step 12/12  loss ")[1].split()[0])
+    assert last_loss < first_loss
+
+
+def test_evaluate_cli_metrics_match_independent_recomputation(reference_run):
+    workdir, _ = reference_run
+    result = subprocess.run(
+        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["step"] == 12 and metrics["num_examples"] == 24
+    assert os.path.exists(os.path.join(workdir, "eval", "example_00.png"))
+
+    # Recompute mIoU from boolean masks over the whole split, without the
+    # confusion matrix, from a fresh restore.
+    from jfcnn import data as data_lib
+
+    config, task, variables, _ = evaluate.load_trained(str(workdir))
+    intersections = np.zeros(task.num_classes)
+    unions = np.zeros(task.num_classes)
+    correct = total = 0
+    for batch in data_lib.create_eval_iterator(config):
+        logits = task.model.apply(variables, batch["image"], train=False)
+        predictions = np.argmax(np.asarray(logits), -1)
+        for i in np.flatnonzero(batch["valid"]):
+            truth = batch["mask"][i]
+            correct += np.sum(predictions[i] == truth)
+            total += truth.size
+            for k in range(task.num_classes):
+                intersections[k] += np.sum((predictions[i] == k) & (truth == k))
+                unions[k] += np.sum((predictions[i] == k) | (truth == k))
+    iou = intersections[unions > 0] / unions[unions > 0]
+    assert total == 24 * 32 * 32
+    assert metrics["mean_iou"] == pytest.approx(iou.mean(), abs=1e-9)
+    assert metrics["pixel_accuracy"] == pytest.approx(correct / total, abs=1e-9)
+
+
+def _start_and_signal(runner, workdir, sig) -> subprocess.Popen:
+    """Starts a run and sends ``sig`` as soon as its step-4 checkpoint exists."""
+    process = subprocess.Popen(
+        runner.command(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    target = os.path.join(workdir, "checkpoints", "4")
+    deadline = time.monotonic() + 300
+    while not os.path.isdir(target):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.01)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(sig)
+    process.wait(timeout=300)
+    return process
+
+
+def test_resume_after_sigkill_is_bit_exact(runner, reference_run, tmp_path):
+    process = _start_and_signal(runner, tmp_path, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    interrupted_at = _checkpoint_steps(tmp_path)[-1]
+    assert interrupted_at < 12
+    runner.run(tmp_path)  # The same command resumes.
+    reference, _ = _load_params(reference_run[0])
+    resumed, step = _load_params(tmp_path)
+    assert step == 12
+    _assert_trees_equal(resumed, reference)
+
+
+def test_sigterm_saves_current_step_and_resume_is_bit_exact(runner, reference_run, tmp_path):
+    process = _start_and_signal(runner, tmp_path, signal.SIGTERM)
+    stderr = process.stderr.read()
+    assert process.returncode == 0, stderr[-3000:]
+    stopped_at = _checkpoint_steps(tmp_path)[-1]
+    assert f"Stopped at step {stopped_at} after SIGTERM" in stderr
+    assert stopped_at < 12
+    runner.run(tmp_path)
+    reference, _ = _load_params(reference_run[0])
+    resumed, step = _load_params(tmp_path)
+    assert step == 12
+    _assert_trees_equal(resumed, reference)
+    for workdir in (reference_run[0], tmp_path):
+        evaluate.evaluate_workdir(str(workdir))
+    metrics = []
+    for workdir in (reference_run[0], tmp_path):
+        with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+            metrics.append(json.load(f))
+    assert metrics[0] == metrics[1]
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(runner, tmp_path):
+    runner.run(tmp_path, num_train_steps=4)
+    before, _ = _load_params(tmp_path, 4)
+    result = subprocess.run(
+        runner.command(tmp_path, num_train_steps=12, learning_rate=1e30),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1
+    assert "NaN/Inf" in result.stderr and "step 4) is intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _checkpoint_steps(tmp_path) == [4]
+    after, _ = _load_params(tmp_path, 4)
+    _assert_trees_equal(after, before)
+    # The changed config did not overwrite the one the run started with.
+    backups = [name for name in os.listdir(tmp_path) if name.startswith("config.before_step_4")]
+    assert len(backups) == 1
+
+
+def test_missing_checkpoint_gives_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "is not a jfcnn work directory" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,31 @@
+"""Trains a jfcnn model.
+
+    python train.py --config configs/unet.py --workdir runs/unet
+    python train.py --config configs/unet.py --workdir runs/unet --config.num_train_steps=200
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+The logic lives in `jfcnn.train.train_and_evaluate`; this file only parses flags.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jfcnn import train
+from jfcnn.errors import exit_on_user_error
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    train.quiet_library_logs()
+    with exit_on_user_error():
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
