@@ -3,3 +3,14 @@
 This package imports only JAX and NumPy (never TensorFlow), so other JAX
 projects can depend on it cheaply.
 """
+
+from jfcnn.ops.anchors import anchor_strides, generate_anchors, grid_anchors, multilevel_anchors
+from jfcnn.ops.boxes import (
+    box_area,
+    box_iou,
+    clip_boxes,
+    decode_boxes,
+    encode_boxes,
+    min_size_mask,
+)
+from jfcnn.ops.nms import batched_nms, nms
