@@ -1,0 +1,123 @@
+"""Tests of the instance pictures in jfcnn.visualize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jfcnn import visualize
+
+CLASS_NAMES = ("background", "circle", "square")
+GRAY = 100
+
+
+def one_instance(size: int = 48):
+    """A gray image with one 30x26 instance (rows 14..43, cols 4..29) in slot 1 of 3."""
+    image = np.full((size, size, 3), GRAY, np.uint8)
+    masks = np.zeros((3, size, size), np.uint8)
+    masks[1, 14:44, 4:30] = 1
+    boxes = np.zeros((3, 4), np.float32)
+    boxes[1] = [4, 14, 30, 44]
+    classes = np.array([0, 2, 0], np.int32)
+    valid = np.array([False, True, False])
+    return image, boxes, classes, masks, valid
+
+
+def tinted(color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    return np.round((1 - alpha) * GRAY + alpha * color.astype(np.float64)).astype(np.uint8)
+
+
+def test_instance_colors_are_fixed_per_slot():
+    assert visualize.instance_color(1).tolist() != visualize.instance_color(0).tolist()
+    np.testing.assert_array_equal(visualize.instance_color(3), visualize.instance_color(23))
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+def test_draw_instances_tints_mask_and_outlines_box(scale):
+    image, boxes, classes, masks, valid = one_instance()
+    picture = visualize.draw_instances(
+        image, boxes, classes, masks, valid, CLASS_NAMES, np.array([0.0, 0.5, 0.0]), scale=scale
+    )
+    assert picture.shape == (48 * scale, 48 * scale, 3) and picture.dtype == np.uint8
+    color = visualize.instance_color(1)
+    # The label (~13 px tall) sits at the top-left; below it, inside the outline,
+    # every pixel is the tinted mask.
+    inner = picture[scale * 14 + 14 : scale * 44 - 2, scale * 4 + 2 : scale * 30 - 2]
+    np.testing.assert_array_equal(inner, np.broadcast_to(tinted(color), inner.shape))
+    # Box outline: bottom row and right column of the box are pure instance color.
+    bottom = picture[scale * 44 - 1, scale * 4 : scale * 30]
+    right = picture[scale * 14 + 14 : scale * 44, scale * 30 - 1]
+    np.testing.assert_array_equal(bottom, np.broadcast_to(color, bottom.shape))
+    np.testing.assert_array_equal(right, np.broadcast_to(color, right.shape))
+    # The label box is filled with the color at the top-left corner of the box.
+    np.testing.assert_array_equal(picture[scale * 14 + 1, scale * 4 + 1], color)
+    # Above and below the box nothing changes.
+    np.testing.assert_array_equal(picture[: scale * 14], GRAY)
+    np.testing.assert_array_equal(picture[scale * 44 :], GRAY)
+
+
+def test_invalid_slots_are_not_drawn():
+    image, boxes, classes, masks, valid = one_instance()
+    picture = visualize.draw_instances(
+        image, boxes, classes, masks, np.zeros(3, bool), CLASS_NAMES, scale=2
+    )
+    np.testing.assert_array_equal(picture, GRAY)
+
+
+def test_instance_panel_layout_threshold_and_zero_detections():
+    image, boxes, classes, masks, valid = one_instance(size=64)
+    kwargs = dict(gt_boxes=boxes, gt_classes=classes, gt_masks=masks, gt_valid=valid)
+    panel = visualize.instance_panel(
+        image, boxes, classes, np.array([0.0, 0.9, 0.0]), masks, valid, CLASS_NAMES, **kwargs
+    )
+    # 64 px images are enlarged 4x: three 256-px panels and two 4-px white gaps.
+    assert panel.shape == (256, 3 * 256 + 8, 3) and panel.dtype == np.uint8
+    np.testing.assert_array_equal(panel[:, :256], GRAY)
+    np.testing.assert_array_equal(panel[:, 256:260], 255)
+    color = visualize.instance_color(1)
+    truth, prediction = panel[:, 260:516], panel[:, 520:]
+    for drawn in (truth, prediction):
+        np.testing.assert_array_equal(drawn[4 * 40, 4 * 10], tinted(color))
+    # Below the score threshold, or with no valid detection, the prediction
+    # panel is the enlarged input.
+    for scores, pred_valid in (([0.0, 0.2, 0.0], valid), ([0.0, 0.9, 0.0], np.zeros(3, bool))):
+        panel = visualize.instance_panel(
+            image,
+            boxes,
+            classes,
+            np.array(scores),
+            masks,
+            pred_valid,
+            CLASS_NAMES,
+            score_threshold=0.5,
+            **kwargs,
+        )
+        np.testing.assert_array_equal(panel[:, 520:], GRAY)
+        np.testing.assert_array_equal(panel[4 * 40, 260 + 4 * 10], tinted(color))
+
+
+def test_instance_panel_with_no_slots_at_all():
+    image = np.zeros((16, 16, 3), np.float32)
+    empty = dict(boxes=np.zeros((0, 4)), classes=np.zeros((0,), int), masks=np.zeros((0, 16, 16)))
+    panel = visualize.instance_panel(
+        image,
+        empty["boxes"],
+        empty["classes"],
+        np.zeros((0,)),
+        empty["masks"],
+        np.zeros((0,), bool),
+        CLASS_NAMES,
+        gt_boxes=empty["boxes"],
+        gt_classes=empty["classes"],
+        gt_masks=empty["masks"],
+        gt_valid=np.zeros((0,), bool),
+        scale=2,
+    )
+    assert panel.shape == (32, 3 * 32 + 8, 3)
+    np.testing.assert_array_equal(panel[:, :32], 0)
+
+
+def test_shape_errors():
+    image, boxes, classes, masks, valid = one_instance()
+    with pytest.raises(ValueError, match=r"\(3, 48, 31\)"):
+        visualize.draw_instances(image, boxes, classes, masks[..., :31], valid, CLASS_NAMES)
