@@ -1,0 +1,298 @@
+"""COCO box and mask AP of instance predictions, computed by pycocotools.
+
+`CocoEvaluator` collects ground truth and detections batch by batch on the
+host, builds the COCO ground truth and results in memory (masks as RLE) and
+runs ``COCOeval`` for ``"bbox"`` and ``"segm"``. AP is measured at the
+resolution the model sees (the pipeline's S x S images), not at the original
+image resolution, so the area ranges of ``*_AP_small/medium/large`` refer to
+areas in those images.
+
+Letters in shapes: B examples per batch, S image side, M ground-truth slots,
+D detection slots, K classes (background included).
+
+>>> evaluator = CocoEvaluator(("background", "circle", "square"), num_images=4)
+>>> for batch in eval_batches:
+...     evaluator.update(predict(batch), batch)
+>>> evaluator.result()["mask_AP"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from jfcnn import visualize
+
+# Index of each summary number in COCOeval.stats (see COCOeval.summarize).
+_STATS = {
+    "AP": 0,
+    "AP50": 1,
+    "AP75": 2,
+    "AP_small": 3,
+    "AP_medium": 4,
+    "AP_large": 5,
+    "AR1": 6,
+    "AR10": 7,
+    "AR100": 8,
+}
+_IOU_TYPES = {"box": "bbox", "mask": "segm"}
+
+
+def encode_masks(masks_nhw: np.ndarray) -> list[dict[str, Any]]:
+    """COCO compressed RLEs (``{"size": [H, W], "counts": str}``) of (N, H, W) 0/1 masks."""
+    masks_nhw = np.asarray(masks_nhw)
+    if masks_nhw.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks_nhw.shape}")
+    if not len(masks_nhw):
+        return []
+    # pycocotools reads column-major (H, W, N) uint8.
+    rles = mask_utils.encode(np.asfortranarray(masks_nhw.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")  # JSON-serializable
+    return rles
+
+
+def _xywh(boxes_n4: np.ndarray) -> list[list[float]]:
+    boxes = np.asarray(boxes_n4, np.float64)
+    return np.stack(
+        [boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=-1
+    ).tolist()
+
+
+def _check_shapes(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
+    b, m = np.shape(batch["labels"])
+    s = np.shape(batch["image"])[1]
+    expected = {
+        "image": (b, s, s, 3),
+        "boxes": (b, m, 4),
+        "instance_masks": (b, m, s, s),
+        "instance_valid": (b, m),
+        "valid": (b,),
+    }
+    for key, shape in expected.items():
+        if np.shape(batch[key]) != shape:
+            raise ValueError(f"batch[{key!r}] must have shape {shape}, got {np.shape(batch[key])}")
+    d = np.shape(outputs["scores"])[-1]
+    expected = {
+        "boxes": (b, d, 4),
+        "scores": (b, d),
+        "classes": (b, d),
+        "detection_valid": (b, d),
+        "masks": (b, d, s, s),
+    }
+    for key, shape in expected.items():
+        if np.shape(outputs[key]) != shape:
+            raise ValueError(
+                f"outputs[{key!r}] must have shape {shape}, got {np.shape(outputs[key])}"
+            )
+
+
+class CocoEvaluator:
+    """Accumulates instance predictions over an eval split; COCO AP via pycocotools.
+
+    Category ids are the class ids 1..K-1, named ``class_names[1:]``
+    (``class_names[0]`` is the background). Ground-truth slots with
+    ``instance_valid`` become annotations; slots marked ``crowd`` (``iscrowd``,
+    optional batch key) become crowd annotations, which COCOeval uses only to
+    ignore the detections that fall on them. Padding examples (``valid``
+    False) and invalid detections are skipped.
+
+    With several processes each one sees only its shard: the result then
+    covers this process's examples only.
+
+    Attributes:
+      images: uint8 `visualize.instance_panel` pictures of the first
+        ``num_images`` valid examples (detections scoring at least
+        ``image_score_threshold``).
+    """
+
+    def __init__(
+        self, class_names: Sequence[str], num_images: int, *, image_score_threshold: float = 0.5
+    ):
+        if len(class_names) < 2:
+            raise ValueError(
+                f"class_names must hold the background and at least one class, got {class_names}"
+            )
+        self.class_names = tuple(class_names)
+        self.num_images = num_images
+        self.image_score_threshold = image_score_threshold
+        self.images: list[np.ndarray] = []
+        self._image_infos: list[dict[str, Any]] = []
+        self._annotations: list[dict[str, Any]] = []
+        self._detections: list[dict[str, Any]] = []
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._image_infos)
+
+    def update(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
+        """Adds one batch.
+
+        Args:
+          outputs: ``boxes`` (B, D, 4) pixel (x1, y1, x2, y2), ``scores`` (B, D),
+            ``classes`` (B, D) int class ids 1..K-1, ``detection_valid`` (B, D)
+            bool, ``masks`` (B, D, S, S) 0/1.
+          batch: ``image`` (B, S, S, 3), ``boxes`` (B, M, 4) pixel-edge
+            (x1, y1, x2, y2), ``labels`` (B, M) class ids, ``instance_masks``
+            (B, M, S, S) 0/1, ``instance_valid`` (B, M) bool, ``valid`` (B,)
+            bool, optional ``crowd`` (B, M) bool.
+        """
+        outputs = {k: np.asarray(v) for k, v in outputs.items()}
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        _check_shapes(outputs, batch)
+        num_classes = len(self.class_names)
+        crowd = batch.get("crowd", np.zeros_like(batch["instance_valid"]))
+        height, width = batch["image"].shape[1:3]
+        for i in np.flatnonzero(batch["valid"]):
+            image_id = len(self._image_infos) + 1
+            self._image_infos.append({"id": image_id, "height": height, "width": width})
+
+            is_crowd = crowd[i].astype(bool)
+            gt = np.flatnonzero(batch["instance_valid"][i].astype(bool) | is_crowd)
+            labels = batch["labels"][i, gt]
+            if np.any((labels < 1) | (labels >= num_classes)):
+                raise ValueError(f"Ground-truth labels must be in 1..{num_classes - 1}: {labels}")
+            gt_masks = batch["instance_masks"][i, gt]
+            for k, rle, box, area in zip(
+                gt,
+                encode_masks(gt_masks),
+                _xywh(batch["boxes"][i, gt]),
+                gt_masks.sum(axis=(1, 2)).tolist(),
+                strict=True,
+            ):
+                self._annotations.append(
+                    {
+                        "id": len(self._annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": int(batch["labels"][i, k]),
+                        "segmentation": rle,
+                        "area": float(area),
+                        "bbox": box,
+                        "iscrowd": int(is_crowd[k]),
+                    }
+                )
+
+            det = np.flatnonzero(outputs["detection_valid"][i])
+            classes = outputs["classes"][i, det]
+            if np.any((classes < 1) | (classes >= num_classes)):
+                raise ValueError(f"Detected classes must be in 1..{num_classes - 1}: {classes}")
+            for k, rle, box in zip(
+                det,
+                encode_masks(outputs["masks"][i, det]),
+                _xywh(outputs["boxes"][i, det]),
+                strict=True,
+            ):
+                self._detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(outputs["classes"][i, k]),
+                        "score": float(outputs["scores"][i, k]),
+                        "bbox": box,
+                        "segmentation": rle,
+                    }
+                )
+
+            if len(self.images) < self.num_images:
+                self.images.append(
+                    visualize.instance_panel(
+                        batch["image"][i],
+                        outputs["boxes"][i],
+                        outputs["classes"][i],
+                        outputs["scores"][i],
+                        outputs["masks"][i],
+                        outputs["detection_valid"][i],
+                        self.class_names,
+                        gt_boxes=batch["boxes"][i],
+                        gt_classes=batch["labels"][i],
+                        gt_masks=batch["instance_masks"][i],
+                        gt_valid=batch["instance_valid"][i],
+                        score_threshold=self.image_score_threshold,
+                    )
+                )
+
+    def coco_ground_truth(self) -> dict[str, Any]:
+        """The accumulated ground truth as a COCO annotation-file dict."""
+        return {
+            "images": list(self._image_infos),
+            "annotations": list(self._annotations),
+            "categories": [
+                {"id": c, "name": name} for c, name in enumerate(self.class_names) if c > 0
+            ],
+        }
+
+    def coco_detections(self) -> list[dict[str, Any]]:
+        """The accumulated detections as a COCO results list (bbox and segmentation)."""
+        return list(self._detections)
+
+    def result(self) -> dict[str, Any]:
+        """COCO metrics: ``{box,mask}_{AP,AP50,AP75,AP_small,AP_medium,AP_large,AR1,AR10,AR100}``.
+
+        Also ``num_examples`` and ``{box,mask}_AP_per_class`` (class name -> AP).
+        AP is 0 when there is ground truth but no detection, and NaN where it is
+        undefined (no ground truth of any class, or of that class).
+        """
+        names = self.class_names[1:]
+        result: dict[str, Any] = {"num_examples": self.num_examples}
+        if not self._image_infos:
+            for prefix in _IOU_TYPES:
+                result.update({f"{prefix}_{key}": float("nan") for key in _STATS})
+                result[f"{prefix}_AP_per_class"] = {name: float("nan") for name in names}
+            return result
+        # pycocotools prints progress and the summary table on stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            ground_truth = COCO()
+            ground_truth.dataset = self.coco_ground_truth()
+            ground_truth.createIndex()
+            for prefix, iou_type in _IOU_TYPES.items():
+                stats, per_class = _evaluate(ground_truth, self._detections, iou_type)
+                result.update({f"{prefix}_{key}": stats[index] for key, index in _STATS.items()})
+                result[f"{prefix}_AP_per_class"] = dict(zip(names, per_class, strict=True))
+        return result
+
+
+def _evaluate(
+    ground_truth: COCO, detections: list[dict[str, Any]], iou_type: str
+) -> tuple[list[float], list[float]]:
+    """Runs COCOeval; returns its 12 summary numbers and the AP of each category."""
+    if detections:
+        results = copy.deepcopy(detections)  # loadRes writes into the dicts.
+        if iou_type == "segm":
+            # With a bbox present, loadRes takes the box area as the detection's
+            # area; without it, the mask area (as for mask AP elsewhere).
+            for det in results:
+                del det["bbox"]
+        else:
+            for det in results:
+                del det["segmentation"]
+        predicted = ground_truth.loadRes(results)
+    else:
+        # loadRes rejects an empty list; an empty result set scores 0 AP.
+        predicted = COCO()
+        predicted.dataset = {
+            "images": ground_truth.dataset["images"],
+            "categories": ground_truth.dataset["categories"],
+            "annotations": [],
+        }
+        predicted.createIndex()
+    coco_eval = COCOeval(ground_truth, predicted, iou_type)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    # COCOeval marks undefined values (no ground truth) with -1.
+    stats = [float(v) if v > -1 else float("nan") for v in coco_eval.stats]
+    # precision: (IoU thresholds, recall thresholds, categories, area ranges, max dets);
+    # area range 0 is "all", max dets -1 is 100.
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+    per_class = []
+    for k in range(precision.shape[2]):
+        defined = precision[:, :, k][precision[:, :, k] > -1]
+        per_class.append(float(defined.mean()) if defined.size else float("nan"))
+    return stats, per_class
