@@ -4,3 +4,4 @@ from jfcnn.models.resnet import Bottleneck as Bottleneck
 from jfcnn.models.resnet import FrozenBatchNorm as FrozenBatchNorm
 from jfcnn.models.resnet import ResNet as ResNet
 from jfcnn.models.resnet import ResNetStage as ResNetStage
+from jfcnn.models.unet import UNet

@@ -13,4 +13,5 @@ from jfcnn.ops.boxes import (
     encode_boxes,
     min_size_mask,
 )
+from jfcnn.ops.conv_transpose import conv_transpose, conv_transpose_output_size
 from jfcnn.ops.nms import batched_nms, nms
