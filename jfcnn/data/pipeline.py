@@ -174,11 +174,15 @@ def _get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
         return builder
-    data_dir = data_config.data_dir or "the TFDS default data dir"
+    where = (
+        f"data_dir={data_config.data_dir!r}"
+        if data_config.data_dir
+        else "the TFDS default data dir (config.data.data_dir is None)"
+    )
     raise DatasetNotFoundError(
         f"Data set {data_config.name!r} (version {builder.version}) is not prepared in "
-        f"data_dir={data_dir!r} (looked for {builder.data_path}). It is never downloaded "
-        f"here. On a machine with internet run\n"
+        f"{where} (no prepared copy at {builder.data_path}). It is never downloaded here. "
+        f"On a machine with internet run\n"
         f"    tfds build {data_config.name} --data_dir=DIR\n"
         f"copy DIR to this machine and pass --config.data.data_dir=DIR."
     )
@@ -481,6 +485,7 @@ def dataset_metadata(config: ml_collections.ConfigDict) -> DatasetMetadata:
     """Class names and split sizes of the configured data set (prepares `jfcnn_shapes`)."""
     data_config = config.data
     spec = _spec(data_config)
+    _hide_gpus_from_tensorflow()
     builder = _get_builder(data_config)
     return DatasetMetadata(
         name=data_config.name,

@@ -3,7 +3,7 @@
 Each 128x128 RGB image shows 1-6 filled circles, squares and triangles on a
 textured, noisy background. Colors are drawn independently of the class, so
 the class can only be read from the outline; sizes, rotations and positions
-vary, and instances overlap: later instances occlude earlier ones, each
+vary, and instances overlap partially: later instances occlude earlier ones, each
 instance mask holds the *visible* pixels only, and an instance whose visible
 part becomes tiny is dropped (and not drawn) so that every pixel painted as a
 shape belongs to a listed instance.
@@ -56,9 +56,13 @@ _GENERATOR_SEED = 20240601  # Bump VERSION when changing this or the drawing cod
 _SPLIT_IDS = {"train": 0, "validation": 1}
 # Size parameter R in pixels: circle radius R, square half-side 0.9 R, triangle
 # circumradius 1.35 R; the three have similar areas so size says nothing of class.
-_RADIUS_RANGE = (12.0, 32.0)
+_RADIUS_RANGE = (12.0, 30.0)
 _SQUARE_HALF_SIDE = 0.9
 _TRIANGLE_CIRCUMRADIUS = 1.35
+# A new shape is moved (up to _PLACEMENT_TRIES times) while more than this
+# fraction of it would cover earlier shapes.
+_MAX_OVERLAP_FRACTION = 0.25
+_PLACEMENT_TRIES = 8
 # An instance is dropped if its visible area is below both bounds' max.
 _MIN_VISIBLE_PIXELS = 64
 _MIN_VISIBLE_FRACTION = 0.3
@@ -187,15 +191,23 @@ def generate_example(split: str, index: int, size: int = IMAGE_SIZE) -> dict[str
 
     num_instances = int(rng.integers(1, MAX_INSTANCES + 1))
     labels, full_masks, colors = [], [], []
+    covered = np.zeros((size, size), dtype=bool)
     for _ in range(num_instances):
         label = int(rng.integers(0, len(CLASS_NAMES)))
         radius = rng.uniform(*_RADIUS_RANGE) * scale
+        angle = rng.uniform(0.0, 2.0 * np.pi)
         # Centers keep at least ~40% of the shape's extent inside the image.
         margin = 0.6 * radius
-        cy, cx = rng.uniform(margin, size - margin, size=2)
-        angle = rng.uniform(0.0, 2.0 * np.pi)
+        # Overlaps happen but stay partial, so most shapes remain recognizable:
+        # retry the position while the shape would land mostly on earlier ones.
+        for _ in range(_PLACEMENT_TRIES):
+            cy, cx = rng.uniform(margin, size - margin, size=2)
+            mask = _shape_mask(label, cy, cx, radius, angle, size)
+            if (mask & covered).sum() <= _MAX_OVERLAP_FRACTION * mask.sum():
+                break
+        covered |= mask
         labels.append(label)
-        full_masks.append(_shape_mask(label, cy, cx, radius, angle, size))
+        full_masks.append(mask)
         colors.append(_pick_color(rng, base_color, colors))
 
     # Drop instances whose visible part is tiny; removing one only uncovers the

@@ -293,7 +293,7 @@ def test_per_process_shards(make_config, monkeypatch):
 
 def test_config_errors(make_config):
     with pytest.raises(ValueError, match="config.data.name must be one of"):
-        data_lib.create_train_iterator(make_config(name="coco/2017_panoptic"))
+        data_lib.create_train_iterator(make_config(name="imagenet2012"))
     with pytest.raises(ValueError, match="scale_range"):
         data_lib.create_train_iterator(make_config(scale_range=(1.5, 1.0)))
     with pytest.raises(ValueError, match="start_step"):

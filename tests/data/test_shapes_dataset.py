@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -58,8 +60,13 @@ def test_annotations_are_consistent(split):
 def test_task_is_not_solvable_from_color_or_size():
     colors_by_class: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
     sides_by_class: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    touching_pairs = 0
     for index in range(150):
         ex = shapes.generate_example("train", index)
+        # Instances overlap: count pairs whose visible masks share an edge.
+        for a, b in itertools.combinations(ex["masks"], 2):
+            grown = a | np.roll(a, 1, 0) | np.roll(a, -1, 0) | np.roll(a, 1, 1) | np.roll(a, -1, 1)
+            touching_pairs += bool((grown & b).any())
         for mask, label, bbox in zip(ex["masks"], ex["labels"], ex["bboxes"], strict=True):
             colors_by_class[int(label)].append(ex["image"][mask].mean(axis=0))
             sides_by_class[int(label)].append(128 * max(bbox[2] - bbox[0], bbox[3] - bbox[1]))
@@ -71,9 +78,10 @@ def test_task_is_not_solvable_from_color_or_size():
         # ... and their means nearly coincide across classes.
         for other in range(c):
             assert np.linalg.norm(class_means[c] - class_means[other]) < 30
-        # Shapes are reasonably large (radius-like parameter 12..32 px at 128).
+        # Shapes are reasonably large (radius-like parameter 12..30 px at 128).
         sides = np.array(sides_by_class[c])
         assert np.median(sides) > 30 and sides.min() >= 8 and sides.max() <= 128
+    assert touching_pairs >= 30
     # The background is textured, not flat.
     image = shapes.generate_example("train", 0)["image"].astype(np.float64)
     background = shapes.generate_example("train", 0)["segmentation_mask"] == 0
