@@ -8,14 +8,18 @@ Batches are dicts of numpy arrays:
 
 - ``image``: (B, S, S, 3) float32 in [0, 1].
 - ``mask``: (B, S, S) int32 semantic class ids (see `DatasetMetadata.class_names`).
-- Instance ground truth (data sets with instances, e.g. ``jfcnn_shapes``; absent
-  for ``oxford_iiit_pet``), padded to M per example:
+- Instance ground truth (data sets with instances: ``jfcnn_shapes``,
+  ``coco/2017_panoptic``; absent for ``oxford_iiit_pet``), padded to M per example:
   ``boxes`` (B, M, 4) float32 pixel (x1, y1, x2, y2) in the output image, in
   pixel-edge coordinates (pixel (r, c) covers [c, c + 1) x [r, r + 1), so a mask
   spanning columns c0..c1 has x1 = c0 and x2 = c1 + 1), tight around
   ``instance_masks``; ``labels`` (B, M) int32 semantic class ids (0 for
   padding); ``instance_masks`` (B, M, S, S) uint8 0/1; ``instance_valid``
   (B, M) bool.
+- ``crowd`` (B, M) bool, ``coco/2017_panoptic`` only: slots holding crowd
+  regions (see `jfcnn.data.coco`). They have ``instance_valid`` False (no
+  training target) but their box, label and instance mask are filled, so that
+  evaluation can ignore detections on them.
 - Eval batches only: ``valid`` (B,) bool; False marks the examples that pad the
   last batch to full size (no eval example is dropped).
 
@@ -34,7 +38,8 @@ a random offset, applied identically to the image (bilinear) and to the
 semantic and instance label maps (nearest neighbour); boxes are then derived
 from the transformed instance masks, so they stay tight, and an instance that
 the crop removes entirely becomes padding. Without augmentation images and
-labels are resized to S x S.
+labels are resized to S x S. Data sets with ``keep_aspect`` (COCO) resize the
+longer side instead and zero-pad the rest at the bottom and right.
 
 >>> config = ml_collections.ConfigDict({"seed": 0, "batch_size": 8, "data": default_config()})
 >>> batch = next(create_train_iterator(config))
@@ -55,7 +60,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jfcnn.data import shapes
+from jfcnn.data import coco, shapes
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -93,6 +98,13 @@ class _DatasetSpec:
     label_offset: int
     # Only the synthetic set may be built here; real sets would need a download.
     builds_locally: bool
+    # Resize the longer side to S and pad, instead of resizing to S x S.
+    keep_aspect: bool = False
+    # For layouts other than `jfcnn_shapes`/pets: the features to read
+    # (decode: bool -> PartialDecoding) and the map to the common form
+    # ((builder, decoded=...) -> fn, see `_to_common`).
+    decoding: Callable[[bool], tfds.decode.PartialDecoding] | None = None
+    to_common: Callable[..., Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]] | None = None
 
 
 _SPECS = {
@@ -109,6 +121,15 @@ _SPECS = {
         label_offset=1,
         builds_locally=False,
     ),
+    "coco/2017_panoptic": _DatasetSpec(
+        class_names=coco.CLASS_NAMES,
+        has_instances=True,
+        label_offset=0,
+        builds_locally=False,
+        keep_aspect=True,
+        decoding=coco.partial_decoding,
+        to_common=coco.to_common,
+    ),
 }
 
 # Streams of the stateless RNG, so shuffle and augmentation draws never share keys.
@@ -120,7 +141,8 @@ def default_config() -> ml_collections.ConfigDict:
     """Defaults of the ``config.data`` section (offline synthetic data set)."""
     return ml_collections.ConfigDict(
         {
-            "name": "jfcnn_shapes",  # or "oxford_iiit_pet" (prepared with `tfds build`)
+            # or "oxford_iiit_pet", "coco/2017_panoptic" (prepared with `tfds build`)
+            "name": "jfcnn_shapes",
             "data_dir": None,  # TFDS data dir; None -> TFDS default (~/tensorflow_datasets)
             "image_size": 128,  # side of the square images and masks fed to the model
             "train_split": "train",
@@ -196,20 +218,24 @@ def _read(
     builder: tfds.core.DatasetBuilder, split: Any, *, spec: _DatasetSpec, decode: bool
 ) -> tf.data.Dataset:
     """Reads ``split`` in its fixed file order; images stay encoded unless ``decode``."""
-    # Only the features we use are parsed (and, in tests, mocked).
-    features = {"image": True, "segmentation_mask": True}
-    if spec.has_instances:
-        features["objects"] = {"label": True, "mask": True}
-    decoders = None
-    if not decode:
-        decoders = {"image": tfds.decode.SkipDecoding()}
-        decoders["segmentation_mask"] = tfds.decode.SkipDecoding()
+    if spec.decoding is not None:
+        decoding = spec.decoding(decode)
+    else:
+        # Only the features we use are parsed (and, in tests, mocked).
+        features = {"image": True, "segmentation_mask": True}
         if spec.has_instances:
-            decoders["objects"] = {"mask": tfds.decode.SkipDecoding()}
+            features["objects"] = {"label": True, "mask": True}
+        decoders = None
+        if not decode:
+            decoders = {"image": tfds.decode.SkipDecoding()}
+            decoders["segmentation_mask"] = tfds.decode.SkipDecoding()
+            if spec.has_instances:
+                decoders["objects"] = {"mask": tfds.decode.SkipDecoding()}
+        decoding = tfds.decode.PartialDecoding(features, decoders=decoders)
     return builder.as_dataset(
         split=split,
         shuffle_files=False,
-        decoders=tfds.decode.PartialDecoding(features, decoders=decoders),
+        decoders=decoding,
         # We cache ourselves, and only when asked.
         read_config=tfds.ReadConfig(try_autocache=False),
     )
@@ -223,10 +249,13 @@ def _to_common(
     The form: ``image`` (H, W, 3) uint8; ``label_maps`` (H', W', C) uint8 with
     the stored semantic label in channel 0 and, with instances, the instance
     index map in channel 1 (0 none, k the k-th instance); ``instance_labels``
-    (N,) int32 semantic class ids. One index map replaces N masks because
-    visible instance masks are disjoint, and it keeps every label resampled
-    identically with a single nearest-neighbour resize.
+    (N,) int32 semantic class ids; optionally ``instance_crowd`` (N,) bool.
+    One index map replaces N masks because visible instance masks are
+    disjoint, and it keeps every label resampled identically with a single
+    nearest-neighbour resize.
     """
+    if spec.to_common is not None:
+        return spec.to_common(builder, decoded=decoded)
     features = builder.info.features
 
     def decode(name, value):
@@ -307,10 +336,24 @@ def _preprocess(
     else:
         scaled = tf.constant(size, tf.int32)
         offset_frac = tf.zeros([2])
+    if spec.keep_aspect:
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        factor = tf.cast(scaled, tf.float32) / tf.cast(tf.maximum(height, width), tf.float32)
+        resized = [
+            tf.clip_by_value(
+                tf.cast(tf.round(tf.cast(n, tf.float32) * factor), tf.int32), 1, scaled
+            )
+            for n in (height, width)
+        ]
+    else:
+        resized = [scaled, scaled]
     image = tf.image.resize(
-        tf.cast(image, tf.float32) / 255.0, [scaled, scaled], method="bilinear", antialias=True
+        tf.cast(image, tf.float32) / 255.0, resized, method="bilinear", antialias=True
     )
-    label_maps = tf.image.resize(label_maps, [scaled, scaled], method="nearest")
+    label_maps = tf.image.resize(label_maps, resized, method="nearest")
+    if spec.keep_aspect:
+        image = tf.image.pad_to_bounding_box(image, 0, 0, scaled, scaled)
+        label_maps = tf.image.pad_to_bounding_box(label_maps, 0, 0, scaled, scaled)
     image = _crop_or_pad(image, scaled, size, offset_frac)
     label_maps = _crop_or_pad(label_maps, scaled, size, offset_frac)
 
@@ -325,11 +368,17 @@ def _preprocess(
         index_map = tf.cast(label_maps[..., 1], tf.int32)
         masks = tf.equal(index_map[None], tf.range(1, max_instances + 1)[:, None, None])
         # Instances beyond M are dropped; the crop may also remove instances.
-        valid = tf.reduce_any(masks, axis=[1, 2])
+        present = tf.reduce_any(masks, axis=[1, 2])
+        valid = present
         labels = example["instance_labels"][:max_instances]
         labels = tf.pad(labels, [[0, max_instances - tf.shape(labels)[0]]])
+        if "instance_crowd" in example:
+            crowd = example["instance_crowd"][:max_instances]
+            crowd = tf.pad(crowd, [[0, max_instances - tf.shape(crowd)[0]]]) & present
+            valid = present & ~crowd
+            out["crowd"] = tf.ensure_shape(crowd, [max_instances])
         out["boxes"] = tf.ensure_shape(_boxes_from_masks(masks), [max_instances, 4])
-        out["labels"] = tf.ensure_shape(tf.where(valid, labels, 0), [max_instances])
+        out["labels"] = tf.ensure_shape(tf.where(present, labels, 0), [max_instances])
         out["instance_masks"] = tf.ensure_shape(
             tf.cast(masks, tf.uint8), [max_instances, size, size]
         )
