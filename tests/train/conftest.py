@@ -30,13 +30,18 @@ TINY_OVERRIDES = {
 
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory) -> str:
-    """The built-in data set, generated once per test session."""
+    """The first examples of the built-in data set, generated once per session."""
     import tensorflow_datasets as tfds
 
     import jfcnn.data  # noqa: F401  (registers the builder)
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    tfds.builder("jfcnn_shapes", data_dir=data_dir).download_and_prepare()
+    # The tiny config reads train[:64] and validation[:24]: build only those.
+    tfds.builder("jfcnn_shapes", data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            max_examples_per_split=64, try_download_gcs=False
+        )
+    )
     return data_dir
 
 
