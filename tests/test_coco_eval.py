@@ -244,6 +244,8 @@ def test_label_and_shape_errors():
         CocoEvaluator(("background",), num_images=0)
 
 
+# pycocotools.mask.decode predates NumPy 2 copy semantics; harmless here.
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_encode_masks_round_trips_asymmetric_masks():
     rng = np.random.default_rng(0)
     masks = (rng.random((3, 7, 11)) < 0.4).astype(np.uint8)
