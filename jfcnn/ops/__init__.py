@@ -15,3 +15,4 @@ from jfcnn.ops.boxes import (
 )
 from jfcnn.ops.conv_transpose import conv_transpose, conv_transpose_output_size
 from jfcnn.ops.nms import batched_nms, nms
+from jfcnn.ops.roi_align import multilevel_roi_align, roi_align
