@@ -230,9 +230,10 @@ def test_sample_rois_layout(num_pos, num_neg, want_pos, want_valid):
 def test_sample_rois_per_example_keys_under_vmap():
     labels = jnp.asarray(np.array([1] * 30 + [0] * 100))
     keys = jax.random.split(jax.random.key(0), 3)
-    batched = jax.vmap(lambda k: detection.sample_rois(k, labels, 64, 0.25))(keys)
+    sample = jax.jit(lambda k: detection.sample_rois(k, labels, 64, 0.25))
+    batched = jax.jit(jax.vmap(sample))(keys)
     for i in range(3):
-        single = detection.sample_rois(keys[i], labels, 64, 0.25)
+        single = sample(keys[i])
         for a, b in zip(batched, single, strict=True):
             np.testing.assert_array_equal(a[i], b)
     assert not np.array_equal(batched[0][0], batched[0][1])
@@ -296,12 +297,16 @@ def test_select_detections_matches_loop():
     deltas = (rng.normal(size=(n, k, 4)) * 0.5).astype(np.float32)
     proposal_valid = rng.uniform(size=n) < 0.85
     height, width = 64, 48
-    out = detection.select_detections(
+    select = jax.jit(
+        detection.select_detections,
+        static_argnames=("image_size", "score_threshold", "nms_threshold", "max_detections"),
+    )
+    out = select(
         jnp.asarray(logits),
         jnp.asarray(deltas),
         jnp.asarray(proposals),
         jnp.asarray(proposal_valid),
-        (height, width),
+        image_size=(height, width),
         score_threshold=0.2,
         nms_threshold=0.4,
         max_detections=12,
@@ -330,13 +335,13 @@ def test_select_detections_matches_loop():
 # Mask targets
 
 
-@pytest.mark.parametrize("size", [7, 14, 28])
-@pytest.mark.parametrize("sampling_ratio", [1, 2, 0])
+@pytest.mark.parametrize("size, sampling_ratio", [(7, 2), (14, 0), (28, 1), (28, 2)])
 def test_crop_mask_targets_square_by_its_own_box_is_all_ones(size, sampling_ratio):
     masks = np.zeros((2, 3, 40, 40), np.uint8)
     masks[1, 2, 9:30, 5:17] = 1  # rows 9..29, columns 5..16
     boxes = jnp.array([[[0.0, 0.0, 4.0, 4.0]], [[5.0, 9.0, 17.0, 30.0]]])
-    targets = detection.crop_mask_targets(
+    crop = jax.jit(detection.crop_mask_targets, static_argnums=3, static_argnames="sampling_ratio")
+    targets = crop(
         jnp.asarray(masks), boxes, jnp.array([[0], [2]]), size, sampling_ratio=sampling_ratio
     )
     assert targets.shape == (2, 1, size, size)
@@ -440,26 +445,25 @@ def test_paste_masks_rejects_mismatched_shapes():
 # Dense ROI Align
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, 1, 0])
-@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, True), (1, False), (0, False)])
 def test_roi_align_dense_equals_roi_align(sampling_ratio, aligned):
     rng = np.random.default_rng(sampling_ratio)
     features = jnp.asarray(rng.normal(size=(2, 16, 12, 3)), jnp.float32)
     # Boxes partly or wholly outside the map, tiny and large ones.
     boxes = jnp.asarray(random_boxes(rng, 40, -10, 60, 0.0, 40.0).reshape(2, 20, 4))
     kwargs = dict(spatial_scale=0.25, sampling_ratio=sampling_ratio, aligned=aligned)
-    want = roi_align(features, boxes, (5, 4), **kwargs)
-    got = detection.roi_align_dense(features, boxes, (5, 4), **kwargs)
+
+    @jax.jit
+    def values_and_grads(features):
+        def pool_and_grad(fn):
+            pool = functools.partial(fn, boxes=boxes, output_size=(5, 4), **kwargs)
+            return pool(features), jax.grad(lambda f: jnp.sum(jnp.sin(pool(f))))(features)
+
+        return pool_and_grad(detection.roi_align_dense), pool_and_grad(roi_align)
+
+    (got, got_grad), (want, want_grad) = values_and_grads(features)
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-    def loss(fn, f):
-        return jnp.sum(jnp.sin(fn(f, boxes, (5, 4), **kwargs)))
-
-    np.testing.assert_allclose(
-        jax.grad(functools.partial(loss, detection.roi_align_dense))(features),
-        jax.grad(functools.partial(loss, roi_align))(features),
-        atol=1e-4,
-    )
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-4)
 
 
 def test_multilevel_roi_align_dense_equals_multilevel_roi_align():
@@ -467,6 +471,11 @@ def test_multilevel_roi_align_dense_equals_multilevel_roi_align():
     maps = [jnp.asarray(rng.normal(size=(2, 32 >> i, 32 >> i, 3)), jnp.float32) for i in range(3)]
     boxes = jnp.asarray(random_boxes(rng, 30, -5, 110, 1.0, 100.0).reshape(2, 15, 4))
     kwargs = dict(strides=(4, 8, 16), aligned=True, canonical_scale=56.0)
-    want = multilevel_roi_align(maps, boxes, 7, **kwargs)
-    got = detection.multilevel_roi_align_dense(maps, boxes, 7, **kwargs)
+    pool = jax.jit(
+        lambda maps, boxes: (
+            detection.multilevel_roi_align_dense(maps, boxes, 7, **kwargs),
+            multilevel_roi_align(maps, boxes, 7, **kwargs),
+        )
+    )
+    got, want = pool(maps, boxes)
     np.testing.assert_allclose(got, want, atol=1e-5)
