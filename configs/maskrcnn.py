@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimization.
     config.batch_size = 8  # Global batch size, split over all devices.
-    config.num_train_steps = 1000
+    config.num_train_steps = 800
     config.optimizer = "adam"  # "adam", "adamw" or "sgd".
     config.learning_rate = 2e-3
     config.lr_schedule = "warmup_cosine"  # "constant", "cosine" or "warmup_cosine".
@@ -79,8 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Bookkeeping.
     config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 250
+    config.eval_every_steps = 400
+    config.checkpoint_every_steps = 200
     config.keep_checkpoints = 4
     config.num_eval_images = 8  # Pictures written to TensorBoard and eval/.
     return config

@@ -233,8 +233,9 @@ class MaskRCNN(nn.Module):
     """Mask R-CNN with a ResNet(-FPN) backbone; see the module docstring.
 
     Input images are ``(B, H, W, 3)`` RGB in ``[0, 1]`` (normalized inside with
-    ImageNet statistics); ``H`` and ``W`` must be multiples of 32 (64 with an
-    FPN P6 level is not needed: P6 is a strided slice).
+    ImageNet statistics); ``H`` and ``W`` should be multiples of the coarsest
+    pooled stride (32 for an FPN on res2-res5, 16 for C4), so that every
+    feature map has its nominal stride.
 
     Attributes:
       num_classes: ``K``, background included.
