@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_split = "test"
     config.data.shuffle_buffer = 1024
     config.data.cache = False
+    config.data.augment = True  # Long runs on real photos need the flip and scale/crop.
     config.model.depth = 4
     config.model.base_width = 32
     config.batch_size = 32
