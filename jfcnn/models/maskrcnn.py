@@ -266,9 +266,9 @@ class MaskRCNN(nn.Module):
         the box head, before res5).
       sampling_ratio: ROI Align samples per bin axis (0 adaptive).
       roi_align: ``"gather"`` (:func:`jfcnn.ops.roi_align`) or ``"dense"``
-        (:func:`jfcnn.ops.detection.roi_align_dense`, the same values as
-        matrix products: faster to train on small feature maps such as CPU
-        configs', slower on large ones).
+        (:func:`jfcnn.ops.detection.roi_align_dense`: the same values as
+        matrix products, no gather or scatter; its work grows with the map
+        size, so only for small maps).
       canonical_scale, canonical_level: FPN level of a box (224, 4).
       box_head_dim: hidden width of the FPN box head.
       mask_head_channels, mask_head_convs: mask head width and depth (FPN;
