@@ -41,6 +41,9 @@ from jfcnn import config_validation
 PMAP_AXIS = "batch"
 # Compiler options for programs that run once, where compile time dominates.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# Training steps dispatched but not finished at any time: enough to keep the
+# device busy, few enough that a SIGTERM is answered within about two steps.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 @flax.struct.dataclass
@@ -267,12 +270,14 @@ class PreemptionHandler(contextlib.AbstractContextManager):
 
     def __init__(self):
         self.requested = False
+        self.requested_at = math.nan  # time.monotonic() of the signal.
         self._previous = None
 
     def _handle(self, signum, frame):
         del frame
         logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-        self.requested = True
+        if not self.requested:
+            self.requested, self.requested_at = True, time.monotonic()
 
     def __enter__(self):
         try:
@@ -486,6 +491,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = next(train_iter)
             state, metrics = train_step(state, parallelism.put_batch(batch))
             pending.append((step, metrics))
+            if len(pending) > MAX_STEPS_IN_FLIGHT:
+                # Dispatch is asynchronous: without this wait the loop runs up to
+                # `log_every_steps` ahead of the device, and a SIGTERM would have
+                # to wait for all of those steps before the checkpoint.
+                jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             done = step + 1
             is_last = done == num_steps
             log_now = done % config.log_every_steps == 0
@@ -496,7 +506,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if save_now:
                 ckpt.save(manager, done, parallelism.unreplicate(state))
             if preemption.requested:
-                logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", done)
+                logging.warning(
+                    "Stopped at step %d, %.1f s after SIGTERM; rerun to resume.",
+                    done,
+                    time.monotonic() - preemption.requested_at,
+                )
                 manager.close()
                 writer.close()
                 return {"step": done, "preempted": True}
