@@ -47,6 +47,13 @@ TINY_MASKRCNN = {
     "checkpoint_every_steps": 2,
     "num_eval_images": 1,
 }
+FPN_RUN = {
+    "num_train_steps": 120,
+    "learning_rate": 5e-3,
+    "log_every_steps": 40,
+    "eval_every_steps": 120,
+    "checkpoint_every_steps": 60,
+}
 C4 = {"model.mask_head": "c4", "model.anchor_sizes": "((16, 32, 64),)"}
 
 EIGHT_DEVICES = {
@@ -75,8 +82,10 @@ def run_train(workdir, data_dir: str, *, env=None, **overrides) -> subprocess.Co
 
 @pytest.fixture(scope="module")
 def fpn_run(shapes_data_dir, tmp_path_factory):
+    # Long enough (~5 s of steps) to find some shapes, so the evaluation compares
+    # nonzero AP; the other tiny runs stop at 4 steps.
     workdir = tmp_path_factory.mktemp("maskrcnn_fpn")
-    return workdir, run_train(workdir, shapes_data_dir)
+    return workdir, run_train(workdir, shapes_data_dir, **FPN_RUN)
 
 
 def _logged_losses(stderr: str) -> dict[int, float]:
@@ -85,14 +94,14 @@ def _logged_losses(stderr: str) -> dict[int, float]:
 
 def test_fpn_trains_restores_and_predicts(fpn_run):
     workdir, result = fpn_run
-    assert "Training instance/maskrcnn for 4 steps" in result.stderr
+    assert "Training instance/maskrcnn for 120 steps" in result.stderr
     losses = _logged_losses(result.stderr)
-    assert sorted(losses) == [2, 4] and all(np.isfinite(list(losses.values())))
-    assert "eval step 4:" in result.stderr
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert sorted(losses) == [40, 60, 80, 120] and losses[120] < losses[40]
+    assert "eval step 120:" in result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["60", "120"]
 
     config, task, variables, step = evaluate.load_trained(str(workdir))
-    assert step == 4 and isinstance(task, instance.InstanceSegmentationTask)
+    assert step == 120 and isinstance(task, instance.InstanceSegmentationTask)
     assert config.model.mask_head == "fpn" and task.model.mask_size == 28
     from jfcnn import data as data_lib
 
@@ -107,6 +116,104 @@ def test_fpn_trains_restores_and_predicts(fpn_run):
     outputs = jax.device_get(jax.jit(task.eval_step)(variables, batch))
     assert sorted(outputs) == sorted(instance.EVAL_OUTPUTS)
     np.testing.assert_array_equal(outputs["masks"], out["masks"])
+
+
+def _pycocotools_stats(config, task, variables) -> dict[str, np.ndarray]:
+    """COCOeval stats of ``predict`` on the whole eval split, straight from the arrays."""
+    import contextlib
+    import io
+
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from jfcnn import data as data_lib
+
+    def rle(mask):
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": encoded["size"], "counts": encoded["counts"].decode()}
+
+    images, annotations, results = [], [], []
+    for batch in data_lib.create_eval_iterator(config):
+        out = jax.device_get(instance.predict(task, variables, batch["image"]))
+        for i in np.flatnonzero(batch["valid"]):
+            image_id = len(images) + 1
+            size = batch["image"].shape[1]
+            images.append({"id": image_id, "height": size, "width": size})
+            for k in np.flatnonzero(batch["instance_valid"][i]):
+                x1, y1, x2, y2 = (float(v) for v in batch["boxes"][i, k])
+                segmentation = rle(batch["instance_masks"][i, k])
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": int(batch["labels"][i, k]),
+                        "segmentation": segmentation,
+                        "area": float(mask_utils.area(segmentation)),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "iscrowd": 0,
+                    }
+                )
+            for d in np.flatnonzero(out["detection_valid"][i]):
+                x1, y1, x2, y2 = (float(v) for v in out["boxes"][i, d])
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(out["classes"][i, d]),
+                        "score": float(out["scores"][i, d]),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "segmentation": rle(out["masks"][i, d]),
+                    }
+                )
+    names = task.metadata.class_names
+    stats = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO()
+        ground_truth.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c, "name": names[c]} for c in range(1, len(names))],
+        }
+        ground_truth.createIndex()
+        for prefix, iou_type in (("box", "bbox"), ("mask", "segm")):
+            detections = [dict(r) for r in results]
+            if iou_type == "bbox":
+                for r in detections:
+                    del r["segmentation"]
+            coco_eval = COCOeval(ground_truth, ground_truth.loadRes(detections), iou_type)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+            stats[prefix] = coco_eval.stats
+    return stats, len(images)
+
+
+def test_evaluate_cli_writes_coco_ap_and_pictures(fpn_run):
+    workdir, _ = fpn_run
+    result = subprocess.run(
+        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["step"] == 120
+    config, task, variables, _ = evaluate.load_trained(str(workdir))
+    stats, num_images = _pycocotools_stats(config, task, variables)
+    assert metrics["num_examples"] == num_images == 8
+    for prefix in ("box", "mask"):
+        # COCOeval.stats: AP, AP50, AP75, AP small/medium/large, AR1, AR10, AR100.
+        for key, value in zip(("AP", "AP50", "AP75"), stats[prefix][:3], strict=True):
+            np.testing.assert_allclose(metrics[f"{prefix}_{key}"], value, atol=1e-12, err_msg=key)
+        for key, value in zip(("AR1", "AR10", "AR100"), stats[prefix][6:9], strict=True):
+            np.testing.assert_allclose(metrics[f"{prefix}_{key}"], value, atol=1e-12, err_msg=key)
+    # The short run finds some shapes, so the comparison is not of zeros.
+    assert metrics["box_AP50"] > 0 and metrics["mask_AP50"] > 0
+    pictures = sorted(name for name in os.listdir(os.path.join(workdir, "eval")) if ".png" in name)
+    assert pictures == ["example_00.png"]  # num_eval_images = 1
 
 
 def test_c4_trains_end_to_end(shapes_data_dir, tmp_path):
