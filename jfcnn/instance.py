@@ -13,7 +13,6 @@ Predicting with a trained run, outside training::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -22,41 +21,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jfcnn.models.build import build_model
 from jfcnn.models.maskrcnn import MaskRCNN
 
 MODELS: dict[str, type[nn.Module]] = {"maskrcnn": MaskRCNN}
-
-# Fields of a model that the task sets itself rather than the config.
-_TASK_SET_FIELDS = {"parent", "name", "num_classes", "bn_axis_name"}
 # The terms of the training loss, in the order they are logged.
 LOSS_TERMS = ("rpn_objectness", "rpn_box", "classification", "box_regression", "mask")
 # What the evaluator receives of the model's outputs.
 EVAL_OUTPUTS = ("boxes", "scores", "classes", "detection_valid", "masks")
-
-
-def model_fields(model_cls: type[nn.Module]) -> list[str]:
-    return [f.name for f in dataclasses.fields(model_cls) if f.name not in _TASK_SET_FIELDS]
-
-
-def _dtype(name: str) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def _freeze(value: Any) -> Any:
-    # A config restored from JSON holds lists; module fields must be hashable.
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def build_model(
-    config: ml_collections.ConfigDict, num_classes: int, *, bn_axis_name: str | None = None
-) -> nn.Module:
-    """Instantiates ``config.model`` (``name`` picks the class, the rest are kwargs)."""
-    kwargs = {k: _freeze(v) for k, v in config.model.items() if k != "name"}
-    if isinstance(kwargs.get("dtype"), str):
-        kwargs["dtype"] = _dtype(kwargs["dtype"])
-    return MODELS[config.model.name](num_classes=num_classes, bn_axis_name=bn_axis_name, **kwargs)
 
 
 def predict(task: InstanceSegmentationTask, variables: Any, images: Any) -> dict[str, jax.Array]:
@@ -91,7 +63,7 @@ class InstanceSegmentationTask:
         self.config = config
         self.metadata = metadata
         self.num_classes = metadata.num_classes
-        self.model = build_model(config, self.num_classes, bn_axis_name=axis_name)
+        self.model = build_model(config, self.num_classes, MODELS, bn_axis_name=axis_name)
 
     # -- model -------------------------------------------------------------
     def init_variables(self, rng: jax.Array) -> dict[str, Any]:

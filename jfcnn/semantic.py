@@ -7,7 +7,6 @@ segmentation.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,38 +18,10 @@ import optax
 
 from jfcnn import metrics as metrics_lib
 from jfcnn import visualize
+from jfcnn.models.build import build_model
 from jfcnn.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
-
-# Fields of a model that the task sets itself rather than the config.
-_TASK_SET_FIELDS = {"parent", "name", "num_classes", "bn_axis_name"}
-
-
-def _dtype(name: str) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def model_fields(model_cls: type[nn.Module]) -> list[str]:
-    return [f.name for f in dataclasses.fields(model_cls) if f.name not in _TASK_SET_FIELDS]
-
-
-def build_model(
-    config: ml_collections.ConfigDict,
-    num_classes: int,
-    models: dict[str, type[nn.Module]],
-    *,
-    bn_axis_name: str | None = None,
-) -> nn.Module:
-    """Instantiates ``config.model`` (``name`` picks the class, the rest are kwargs)."""
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    model_cls = models[config.model.name]
-    for key in ("dtype", "param_dtype"):
-        if isinstance(kwargs.get(key), str):
-            kwargs[key] = _dtype(kwargs[key])
-    if "bn_axis_name" in {f.name for f in dataclasses.fields(model_cls)}:
-        kwargs["bn_axis_name"] = bn_axis_name
-    return model_cls(num_classes=num_classes, **kwargs)
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:

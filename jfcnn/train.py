@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jfcnn import checkpoint as ckpt
 from jfcnn import config_validation
+from jfcnn.models.build import model_fields
 
 PMAP_AXIS = "batch"
 # Compiler options for programs that run once, where compile time dominates.
@@ -92,9 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise config_validation.ConfigError(
             f"Config key `model.name` is {name!r}; choose one of {sorted(task_module.MODELS)}."
         )
-    config_validation.validate_config(
-        config, model_fields=task_module.model_fields(task_module.MODELS[name])
-    )
+    config_validation.validate_config(config, model_fields=model_fields(task_module.MODELS[name]))
 
 
 def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
