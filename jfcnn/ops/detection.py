@@ -47,7 +47,15 @@ import jax.numpy as jnp
 
 from jfcnn.ops.boxes import clip_boxes, decode_boxes, min_size_mask
 from jfcnn.ops.nms import batched_nms
-from jfcnn.ops.roi_align import fpn_levels, roi_align
+from jfcnn.ops.roi_align import (
+    _MULTILEVEL_MAX_SAMPLING_RATIO,
+    _axis_samples,
+    _check_pyramid,
+    _grid_count,
+    _pair,
+    fpn_levels,
+    roi_align,
+)
 
 __all__ = [
     "crop_mask_targets",
@@ -561,40 +569,28 @@ def _align_weights(
 ) -> jax.Array:
     """``(..., pooled, size)``: each bin's ROI Align weights on the rows (or columns).
 
-    The sample positions and border rules of torchvision's kernel, in its
-    operation order: a bin is the mean of ``grid`` bilinear samples per axis;
-    a sample beyond ``[-1, size]`` counts as 0, one below 0 reads row 0 and
-    one at or beyond the last row reads the last row.
+    The samples of :func:`jfcnn.ops.roi_align` (torchvision's positions and
+    border rules), each spread over its two bilinear taps; a bin is the mean
+    of its ``grid`` samples per axis.
     """
     offset = 0.5 if aligned else 0.0
     start = start * spatial_scale - offset
     end = end * spatial_scale - offset
-    length = end - start
-    if not aligned:
-        length = jnp.maximum(length, 1.0)
-    bin_size = length / pooled
-    if sampling_ratio > 0:
-        slots = sampling_ratio
-        grid = jnp.full_like(bin_size, sampling_ratio)
-    else:
-        slots = max_sampling_ratio
-        grid = jnp.clip(jnp.ceil(length / pooled), 0, max_sampling_ratio)
-    p = jnp.arange(pooled, dtype=start.dtype)[:, None]
-    i = jnp.arange(slots, dtype=start.dtype)[None, :]
-    start, bin_size, grid = start[..., None, None], bin_size[..., None, None], grid[..., None, None]
-    pos = (start + p * bin_size) + (i + 0.5) * bin_size / jnp.maximum(grid, 1.0)
-    valid = (i < grid) & (pos >= -1.0) & (pos <= size)
-    pos = jnp.maximum(pos, 0.0)
-    lo = jnp.floor(pos)
-    at_end = lo >= size - 1
-    lo = jnp.where(at_end, size - 1, lo)
-    frac = jnp.where(at_end, 0.0, pos - lo)
-    cells = jnp.arange(size, dtype=start.dtype)
+    grid = _grid_count(end - start, pooled, sampling_ratio, max_sampling_ratio, aligned)
+    slots = sampling_ratio if sampling_ratio > 0 else max_sampling_ratio
+
+    def samples(start, end, grid):
+        return _axis_samples(start, end, size, pooled, grid, slots, aligned)
+
+    for _ in range(start.ndim):  # _axis_samples takes one box.
+        samples = jax.vmap(samples)
+    lo, hi, frac, valid = samples(start, end, grid)
+    cells = jnp.arange(size)
     weights = (lo[..., None] == cells) * (1.0 - frac)[..., None]
-    weights += (lo[..., None] + 1.0 == cells) * frac[..., None]
+    weights += (hi[..., None] == cells) * frac[..., None]
     weights = jnp.sum(weights * valid[..., None], axis=-2)
     # torchvision averages over grid_h * grid_w samples: 1 / grid per axis.
-    return weights / jnp.maximum(grid[..., 0], 1.0)[..., None]
+    return weights / jnp.maximum(grid, 1).astype(weights.dtype)[..., None, None]
 
 
 def _check_dense_inputs(features: jax.Array, boxes: jax.Array) -> None:
@@ -606,7 +602,7 @@ def _check_dense_inputs(features: jax.Array, boxes: jax.Array) -> None:
 
 def _dense_pool(features, boxes, output_size, box_weight, **kwargs):
     _, h, w, _ = features.shape
-    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    ph, pw = _pair(output_size)
     acc = jnp.promote_types(features.dtype, jnp.float32)
     boxes = boxes.astype(acc)
     wy = _align_weights(boxes[..., 1], boxes[..., 3], h, ph, **kwargs)
@@ -704,14 +700,9 @@ def multilevel_roi_align_dense(
     Returns:
       ``(B, N, PH, PW, C)`` in the dtype of the features.
     """
-    features = [jnp.asarray(f) for f in features]
-    boxes = jax.lax.stop_gradient(jnp.asarray(boxes))
-    if len(features) != len(strides) or not features:
-        raise ValueError(f"need one stride per feature level, got {len(features)} and {strides}")
-    for f in features:
-        _check_dense_inputs(f, boxes)
-    k_min = int(round(math.log2(strides[0])))
-    k_max = int(round(math.log2(strides[-1])))
+    features, boxes, strides = _check_pyramid(features, boxes, strides)
+    boxes = jax.lax.stop_gradient(boxes)
+    k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
     level = fpn_levels(
         boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32)),
         k_min=k_min,
@@ -729,7 +720,7 @@ def multilevel_roi_align_dense(
             spatial_scale=1.0 / stride,
             sampling_ratio=sampling_ratio,
             aligned=aligned,
-            max_sampling_ratio=8,
+            max_sampling_ratio=_MULTILEVEL_MAX_SAMPLING_RATIO,
         )
         out = pooled if out is None else out + pooled
     return out.astype(features[0].dtype)

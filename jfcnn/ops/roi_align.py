@@ -118,6 +118,23 @@ def _axis_samples(
     return lo.astype(jnp.int32), hi.astype(jnp.int32), frac, valid.astype(start.dtype)
 
 
+def _grid_count(
+    length: jax.Array, pooled: int, sampling_ratio: int, max_sampling_ratio: int, aligned: bool
+) -> jax.Array:
+    """Samples per bin along one axis of a box of extent `length` (int32).
+
+    `sampling_ratio` if positive, else torchvision's adaptive count
+    `ceil(length / pooled)` (<= 0 for an empty aligned box: no samples,
+    output 0), capped at `max_sampling_ratio`.
+    """
+    if sampling_ratio > 0:
+        return jnp.full(jnp.shape(length), sampling_ratio, jnp.int32)
+    if not aligned:
+        length = jnp.maximum(length, 1.0)
+    grid = jnp.clip(jnp.ceil(length / pooled), 0, max_sampling_ratio)
+    return lax.stop_gradient(grid).astype(jnp.int32)
+
+
 def _support(lo: jax.Array, hi: jax.Array, valid: jax.Array) -> jax.Array:
     """Rows (or columns) spanned by each bin's valid samples, `(..., pooled)`."""
     big = jnp.iinfo(jnp.int32).max
@@ -461,18 +478,8 @@ def _roi_align_flat(
     def one_box(box, scale, h, w):
         # Pixel centres sit at integer + 0.5 in image coordinates.
         x1, y1, x2, y2 = box * scale - (0.5 if aligned else 0.0)
-        if sampling_ratio > 0:
-            grid_y = grid_x = jnp.asarray(sampling_ratio, jnp.int32)
-        else:
-            # torchvision's adaptive count ceil(roi_size / pooled), which is
-            # <= 0 for an empty aligned box (no samples, output 0).
-            hh, ww = y2 - y1, x2 - x1
-            if not aligned:
-                hh, ww = jnp.maximum(hh, 1.0), jnp.maximum(ww, 1.0)
-            grid_y = jnp.clip(jnp.ceil(hh / ph), 0, max_sampling_ratio)
-            grid_x = jnp.clip(jnp.ceil(ww / pw), 0, max_sampling_ratio)
-            grid_y = lax.stop_gradient(grid_y).astype(jnp.int32)
-            grid_x = lax.stop_gradient(grid_x).astype(jnp.int32)
+        grid_y = _grid_count(y2 - y1, ph, sampling_ratio, max_sampling_ratio, aligned)
+        grid_x = _grid_count(x2 - x1, pw, sampling_ratio, max_sampling_ratio, aligned)
         sy = _axis_samples(y1, y2, h, ph, grid_y, max_grid, aligned)
         sx = _axis_samples(x1, x2, w, pw, grid_x, max_grid, aligned)
         count = jnp.maximum(grid_y * grid_x, 1).astype(acc_dtype)
@@ -775,6 +782,35 @@ def multilevel_roi_align(
     """
     output_size = _pair(output_size)
     sampling_ratio = _check_int("sampling_ratio", sampling_ratio)
+    features, boxes, strides = _check_pyramid(features, boxes, strides)
+
+    return _multilevel_impl(
+        tuple(features),
+        boxes,
+        output_size=output_size,
+        strides=strides,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        canonical_scale=canonical_scale,
+        canonical_level=canonical_level,
+    )
+
+
+# Cap on the adaptive sample count per bin axis in `multilevel_roi_align`: FPN
+# level assignment keeps boxes at a few feature pixels on their level.
+_MULTILEVEL_MAX_SAMPLING_RATIO = 8
+
+
+def _check_pyramid(
+    features: Sequence[jax.Array], boxes: jax.Array, strides: Sequence[int]
+) -> tuple[list[jax.Array], jax.Array, tuple[int, ...]]:
+    """Validates the inputs of a multilevel ROI Align; returns them as arrays.
+
+    Raises `ValueError` / `TypeError` naming the problem: levels and strides
+    that do not pair up, strides that are not doubling powers of two, levels
+    with other batch sizes, channels or dtypes, non-float inputs, and boxes
+    that are not `(B, N, 4)`.
+    """
     features = [jnp.asarray(f) for f in features]
     strides = tuple(_check_int("strides[i]", s) for s in strides)
     if not features:
@@ -811,22 +847,7 @@ def multilevel_roi_align(
             f"boxes must be (B, N, 4) with B = {first.shape[0]} (from features[0]), got "
             f"{boxes.shape}"
         )
-
-    return _multilevel_impl(
-        tuple(features),
-        boxes,
-        output_size=output_size,
-        strides=strides,
-        sampling_ratio=sampling_ratio,
-        aligned=aligned,
-        canonical_scale=canonical_scale,
-        canonical_level=canonical_level,
-    )
-
-
-# Cap on the adaptive sample count per bin axis in `multilevel_roi_align`: FPN
-# level assignment keeps boxes at a few feature pixels on their level.
-_MULTILEVEL_MAX_SAMPLING_RATIO = 8
+    return features, boxes, strides
 
 
 @functools.partial(
