@@ -43,7 +43,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jfcnn.models.fpn import FPN
@@ -712,8 +711,3 @@ class MaskRCNN(nn.Module):
             "positive_anchors": sampled["positive_anchors"],
         }
         return losses, stats
-
-
-def count_params(variables: Mapping[str, Any]) -> int:
-    """Number of trainable parameters in ``variables["params"]``."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Environment of a subprocess that sees 8 CPU devices.
+EIGHT_DEVICES = {
+    **os.environ,
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+}
 
 # A U-Net small enough to train a few dozen steps in seconds on 2 CPU cores.
 TINY_OVERRIDES = {
@@ -45,24 +51,28 @@ def shapes_data_dir(tmp_path_factory) -> str:
     return data_dir
 
 
-def train_command(workdir, data_dir: str, **overrides) -> list[str]:
-    """``python train.py ...`` with the tiny config and extra overrides."""
-    values = {**TINY_OVERRIDES, "data.data_dir": data_dir, **overrides}
+def train_command(
+    workdir, data_dir: str, *, config: str = "unet.py", base: dict | None = None, **overrides
+) -> list[str]:
+    """``python train.py --config configs/<config>`` with ``base`` (the tiny
+    U-Net overrides by default) and extra overrides."""
+    base = TINY_OVERRIDES if base is None else base
+    values = {**base, "data.data_dir": data_dir, **overrides}
     flags = [f"--config.{key}={value}" for key, value in values.items()]
     return [
         sys.executable,
         os.path.join(ROOT, "train.py"),
         "--config",
-        os.path.join(ROOT, "configs", "unet.py"),
+        os.path.join(ROOT, "configs", config),
         "--workdir",
         str(workdir),
         *flags,
     ]
 
 
-def run_train(workdir, data_dir: str, *, env=None, **overrides) -> subprocess.CompletedProcess:
+def run_train(workdir, data_dir: str, *, env=None, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        train_command(workdir, data_dir, **overrides),
+        train_command(workdir, data_dir, **kwargs),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -75,16 +85,40 @@ def run_train(workdir, data_dir: str, *, env=None, **overrides) -> subprocess.Co
 
 
 class Runner:
-    """Runs ``train.py`` on the tiny config against the session's data set."""
+    """Runs ``train.py`` on a tiny config against the session's data set."""
 
-    def __init__(self, data_dir: str):
-        self.data_dir = data_dir
+    eight_devices = EIGHT_DEVICES
+
+    def __init__(self, data_dir: str, config: str = "unet.py", base: dict | None = None):
+        self.data_dir, self.config, self.base = data_dir, config, base
+
+    def with_config(self, config: str, base: dict) -> Runner:
+        """The same runner for ``configs/<config>`` shrunk by ``base``."""
+        return Runner(self.data_dir, config, base)
 
     def command(self, workdir, **overrides) -> list[str]:
-        return train_command(workdir, self.data_dir, **overrides)
+        return train_command(
+            workdir, self.data_dir, config=self.config, base=self.base, **overrides
+        )
 
     def run(self, workdir, *, env=None, **overrides) -> subprocess.CompletedProcess:
-        return run_train(workdir, self.data_dir, env=env, **overrides)
+        return run_train(
+            workdir, self.data_dir, env=env, config=self.config, base=self.base, **overrides
+        )
+
+    @staticmethod
+    def evaluate(workdir) -> dict:
+        """``python -m jfcnn.evaluate --workdir W``; returns its metrics.json."""
+        result = subprocess.run(
+            [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-5000:]
+        with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+            return json.load(f)
 
 
 @pytest.fixture(scope="session")

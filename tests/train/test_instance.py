@@ -56,36 +56,19 @@ FPN_RUN = {
 }
 C4 = {"model.mask_head": "c4", "model.anchor_sizes": "((16, 32, 64),)"}
 
-EIGHT_DEVICES = {
-    **os.environ,
-    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-}
 
-
-def run_train(workdir, data_dir: str, *, env=None, **overrides) -> subprocess.CompletedProcess:
-    """``python train.py --config configs/maskrcnn.py`` with the tiny overrides."""
-    values = {**TINY_MASKRCNN, "data.data_dir": data_dir, **overrides}
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--config",
-        os.path.join(ROOT, "configs", "maskrcnn.py"),
-        "--workdir",
-        str(workdir),
-        *[f"--config.{key}={value}" for key, value in values.items()],
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    if result.returncode != 0:
-        raise AssertionError(f"training failed:\n{result.stderr[-5000:]}")
-    return result
+@pytest.fixture(scope="module")
+def maskrcnn(runner):
+    """Runs ``train.py --config configs/maskrcnn.py`` with the tiny overrides."""
+    return runner.with_config("maskrcnn.py", TINY_MASKRCNN)
 
 
 @pytest.fixture(scope="module")
-def fpn_run(shapes_data_dir, tmp_path_factory):
+def fpn_run(maskrcnn, tmp_path_factory):
     # Long enough (~5 s of steps) to find some shapes, so the evaluation compares
     # nonzero AP; the other tiny runs stop at 4 steps.
     workdir = tmp_path_factory.mktemp("maskrcnn_fpn")
-    return workdir, run_train(workdir, shapes_data_dir, **FPN_RUN)
+    return workdir, maskrcnn.run(workdir, **FPN_RUN)
 
 
 def _logged_losses(stderr: str) -> dict[int, float]:
@@ -188,18 +171,9 @@ def _pycocotools_stats(config, task, variables) -> dict[str, np.ndarray]:
     return stats, len(images)
 
 
-def test_evaluate_cli_writes_coco_ap_and_pictures(fpn_run):
+def test_evaluate_cli_writes_coco_ap_and_pictures(maskrcnn, fpn_run):
     workdir, _ = fpn_run
-    result = subprocess.run(
-        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        metrics = json.load(f)
+    metrics = maskrcnn.evaluate(workdir)
     assert metrics["step"] == 120
     config, task, variables, _ = evaluate.load_trained(str(workdir))
     stats, num_images = _pycocotools_stats(config, task, variables)
@@ -216,8 +190,8 @@ def test_evaluate_cli_writes_coco_ap_and_pictures(fpn_run):
     assert pictures == ["example_00.png"]  # num_eval_images = 1
 
 
-def test_c4_trains_end_to_end(shapes_data_dir, tmp_path):
-    result = run_train(tmp_path, shapes_data_dir, checkpoint_every_steps=4, **C4)
+def test_c4_trains_end_to_end(maskrcnn, tmp_path):
+    result = maskrcnn.run(tmp_path, checkpoint_every_steps=4, **C4)
     losses = _logged_losses(result.stderr)
     assert sorted(losses) == [2, 4] and all(np.isfinite(list(losses.values())))
     assert "eval step 4:" in result.stderr
@@ -277,10 +251,10 @@ PLAIN_SGD = {"optimizer": "sgd", "learning_rate": 0.02, "lr_schedule": "constant
 
 
 @pytest.mark.parametrize("overrides", [{}, C4], ids=["fpn", "c4"])
-def test_jit_and_pmap_on_eight_devices_match_one_device(shapes_data_dir, overrides):
+def test_jit_and_pmap_on_eight_devices_match_one_device(maskrcnn, overrides):
     # SGD: Adam's g / sqrt(v) turns summation-order noise in near-zero gradients
     # into full-size steps, which would hide real differences behind a loose tolerance.
-    values = {**TINY_MASKRCNN, "data.data_dir": shapes_data_dir, **overrides, **PLAIN_SGD}
+    values = {**TINY_MASKRCNN, "data.data_dir": maskrcnn.data_dir, **overrides, **PLAIN_SGD}
     values = {k: ast.literal_eval(v) if k == "model.anchor_sizes" else v for k, v in values.items()}
     result = subprocess.run(
         [sys.executable, "-c", _PARALLEL_DRIVER, json.dumps(values)],
@@ -288,7 +262,7 @@ def test_jit_and_pmap_on_eight_devices_match_one_device(shapes_data_dir, overrid
         capture_output=True,
         text=True,
         timeout=600,
-        env=EIGHT_DEVICES,
+        env=maskrcnn.eight_devices,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     report = json.loads(result.stdout.split("RESULT ", 1)[1])

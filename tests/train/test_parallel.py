@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -11,11 +9,6 @@ import pytest
 from jfcnn import evaluate
 
 pytestmark = pytest.mark.slow
-
-EIGHT_DEVICES = {
-    **os.environ,
-    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-}
 
 
 def test_jit_and_pmap_on_eight_devices_match_one_device(runner, tmp_path):
@@ -34,8 +27,8 @@ def test_jit_and_pmap_on_eight_devices_match_one_device(runner, tmp_path):
     }
     runs = {
         "one_device": dict(env=None, parallelism="jit"),
-        "jit8": dict(env=EIGHT_DEVICES, parallelism="jit"),
-        "pmap8": dict(env=EIGHT_DEVICES, parallelism="pmap"),
+        "jit8": dict(env=runner.eight_devices, parallelism="jit"),
+        "pmap8": dict(env=runner.eight_devices, parallelism="pmap"),
     }
     for name, options in runs.items():
         result = runner.run(tmp_path / name, **options, **steps)

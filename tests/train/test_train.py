@@ -60,17 +60,9 @@ def test_training_writes_checkpoints_logs_and_config(reference_run):
     assert last_loss < first_loss
 
 
-def test_evaluate_cli_metrics_match_independent_recomputation(reference_run):
+def test_evaluate_cli_metrics_match_independent_recomputation(runner, reference_run):
     workdir, _ = reference_run
-    result = subprocess.run(
-        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        metrics = json.load(f)
+    metrics = runner.evaluate(workdir)
     assert metrics["step"] == 12 and metrics["num_examples"] == 24
     assert os.path.exists(os.path.join(workdir, "eval", "example_00.png"))
 
