@@ -19,6 +19,7 @@ side by side, not the absolute times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -58,18 +59,20 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_case(
-    size,
-    ratio,
-    repeats,
-    features_jax,
-    features_torch,
-    boxes_jax,
-    image_jax,
-    rois,
-    cotangent_jax,
-    cotangent_torch,
-):
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """One box set, laid out for each library (K boxes, PH x PW = OUTPUT x OUTPUT)."""
+
+    features_nhwc: jax.Array  # (1, H, W, C), jfcnn
+    features_nchw: torch.Tensor  # (1, C, H, W), torch
+    boxes_k4: jax.Array  # (K, 4) boxes (x1, y1, x2, y2)
+    box_indices_k: jax.Array  # (K,) int32 image of each box
+    rois_k5: torch.Tensor  # (K, 5) torchvision rois (image, x1, y1, x2, y2)
+    cotangent_kpqc: jax.Array  # (K, PH, PW, C)
+    cotangent_kcpq: torch.Tensor  # (K, C, PH, PW)
+
+
+def run_case(inputs: Inputs, *, size: str, ratio: int, repeats: int):
     """Times one (box size, sampling ratio) case; returns (size, ratio, medians in ms)."""
 
     def pool(features, boxes):
@@ -80,7 +83,7 @@ def run_case(
             spatial_scale=1.0,
             sampling_ratio=ratio,
             aligned=True,
-            box_indices=image_jax,
+            box_indices=inputs.box_indices_k,
         )
 
     def pool_and_grad(features, boxes, cotangent):
@@ -92,19 +95,23 @@ def run_case(
 
     def torch_fwd():
         with torch.no_grad():
-            return torchvision.ops.roi_align(features_torch, rois, OUTPUT, 1.0, ratio, True)
+            return torchvision.ops.roi_align(
+                inputs.features_nchw, inputs.rois_k5, OUTPUT, 1.0, ratio, True
+            )
 
     def torch_fwd_bwd():
-        features = features_torch.detach().requires_grad_(True)
-        out = torchvision.ops.roi_align(features, rois, OUTPUT, 1.0, ratio, True)
-        out.backward(cotangent_torch)
+        features = inputs.features_nchw.detach().requires_grad_(True)
+        out = torchvision.ops.roi_align(features, inputs.rois_k5, OUTPUT, 1.0, ratio, True)
+        out.backward(inputs.cotangent_kcpq)
         return out, features.grad
 
     def jfcnn_fwd_run():
-        return jfcnn_fwd(features_jax, boxes_jax).block_until_ready()
+        return jfcnn_fwd(inputs.features_nhwc, inputs.boxes_k4).block_until_ready()
 
     def jfcnn_fwd_bwd_run():
-        return jax.block_until_ready(jfcnn_fwd_bwd(features_jax, boxes_jax, cotangent_jax))
+        return jax.block_until_ready(
+            jfcnn_fwd_bwd(inputs.features_nhwc, inputs.boxes_k4, inputs.cotangent_kpqc)
+        )
 
     # Agreement on exactly what is timed (this also compiles and warms up).
     out_j = np.asarray(jfcnn_fwd_run())
@@ -140,9 +147,9 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
-    features_nhwc = rng.random((1, HEIGHT, WIDTH, CHANNELS), dtype=np.float32)
-    features_jax = jnp.asarray(features_nhwc)
-    features_torch = torch.from_numpy(features_nhwc).permute(0, 3, 1, 2).contiguous()
+    features = rng.random((1, HEIGHT, WIDTH, CHANNELS), dtype=np.float32)
+    features_nhwc = jnp.asarray(features)
+    features_nchw = torch.from_numpy(features).permute(0, 3, 1, 2).contiguous()
 
     print(
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
@@ -154,27 +161,18 @@ def main() -> None:
     rows = []
     for size in ("small", "large"):
         boxes = random_boxes(rng, size)
-        boxes_jax = jnp.asarray(boxes)
-        image_jax = jnp.zeros((NUM_BOXES,), jnp.int32)
-        rois = torch.cat([torch.zeros(NUM_BOXES, 1), torch.from_numpy(boxes)], dim=1)
         cotangent = rng.standard_normal((NUM_BOXES, OUTPUT, OUTPUT, CHANNELS), dtype=np.float32)
-        cotangent_jax = jnp.asarray(cotangent)
-        cotangent_torch = torch.from_numpy(cotangent).permute(0, 3, 1, 2).contiguous()
+        inputs = Inputs(
+            features_nhwc=features_nhwc,
+            features_nchw=features_nchw,
+            boxes_k4=jnp.asarray(boxes),
+            box_indices_k=jnp.zeros((NUM_BOXES,), jnp.int32),
+            rois_k5=torch.cat([torch.zeros(NUM_BOXES, 1), torch.from_numpy(boxes)], dim=1),
+            cotangent_kpqc=jnp.asarray(cotangent),
+            cotangent_kcpq=torch.from_numpy(cotangent).permute(0, 3, 1, 2).contiguous(),
+        )
         for ratio in (0, 2):
-            rows.append(
-                run_case(
-                    size,
-                    ratio,
-                    args.repeats,
-                    features_jax,
-                    features_torch,
-                    boxes_jax,
-                    image_jax,
-                    rois,
-                    cotangent_jax,
-                    cotangent_torch,
-                )
-            )
+            rows.append(run_case(inputs, size=size, ratio=ratio, repeats=args.repeats))
 
     print(f"load average after: {os.getloadavg()}\n")
     print(

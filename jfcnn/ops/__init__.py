@@ -14,5 +14,20 @@ from jfcnn.ops.boxes import (
     min_size_mask,
 )
 from jfcnn.ops.conv_transpose import conv_transpose, conv_transpose_output_size
+from jfcnn.ops.detection import (
+    crop_mask_targets,
+    match_boxes,
+    paste_masks,
+    sample_balanced,
+    sample_rois,
+    select_detections,
+    select_proposals,
+)
 from jfcnn.ops.nms import batched_nms, nms
-from jfcnn.ops.roi_align import multilevel_roi_align, roi_align
+from jfcnn.ops.roi_align import (
+    fpn_levels,
+    multilevel_roi_align,
+    multilevel_roi_align_dense,
+    roi_align,
+    roi_align_dense,
+)

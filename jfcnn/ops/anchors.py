@@ -19,12 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or (h, w) ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
+from jfcnn.ops._util import pair
 
 
 def generate_anchors(
@@ -103,8 +98,8 @@ def grid_anchors(
     base_anchors = np.asarray(base_anchors)
     if base_anchors.ndim != 2 or base_anchors.shape[1] != 4:
         raise ValueError(f"base_anchors must have shape (A, 4), got {base_anchors.shape}")
-    grid_h, grid_w = _pair(grid_size, "grid_size")
-    stride_h, stride_w = _pair(stride, "stride")
+    grid_h, grid_w = pair(grid_size, "grid_size", minimum=1)
+    stride_h, stride_w = pair(stride, "stride", minimum=1)
     # Integer shifts first, as torchvision (int32 arange times the stride).
     shifts_x = np.arange(grid_w, dtype=np.int64) * stride_w
     shifts_y = np.arange(grid_h, dtype=np.int64) * stride_h
@@ -132,10 +127,10 @@ def anchor_strides(
     >>> anchor_strides((800, 1216), [(200, 304), (100, 152)])
     [(4, 4), (8, 8)]
     """
-    image_h, image_w = _pair(tuple(image_size), "image_size")
+    image_h, image_w = pair(tuple(image_size), "image_size", minimum=1)
     strides = []
     for grid_size in grid_sizes:
-        grid_h, grid_w = _pair(tuple(grid_size), "grid_size")
+        grid_h, grid_w = pair(tuple(grid_size), "grid_size", minimum=1)
         strides.append((image_h // grid_h, image_w // grid_w))
     return strides
 

@@ -14,29 +14,17 @@ Letters used for shapes:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jfcnn.ops._util import pair
+
 IntOrPair = int | Sequence[int]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    """Returns ``(value, value)`` for an int, the two ints of a pair, or raises."""
-    try:
-        if isinstance(value, Sequence):
-            if len(value) != 2:
-                raise TypeError
-            return (operator.index(value[0]), operator.index(value[1]))
-        as_int = operator.index(value)
-        return (as_int, as_int)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.") from None
 
 
 def conv_transpose_output_size(n: int, kernel_size: int, stride: int, padding: int) -> int:
@@ -141,13 +129,13 @@ def _conv_transpose_matmul(
 def _use_matmul(kernel_hw: tuple[int, int], strides: tuple[int, int]) -> bool:
     """Whether the matmul formulation is the faster one on CPU.
 
-    Measured forward+backward under jit on a 2-core CPU (batch 8, f32): for
-    K=2, S=2 (the U-Net default) the matmul form takes 3-8 ms against 40-46 ms
-    for the dilated convolution, which spends 3/4 of its multiplies on the
-    inserted zeros; for K=4, S=2 63 ms against 160 ms; for K=3, S=2 67 ms
-    against 88 ms. With stride 1 there are no inserted zeros and the patch
-    tensor is K*K times the output, so the plain convolution wins
-    (K=3, S=1: 5 ms against 62 ms).
+    The dilated convolution spends most of its multiplies on the zeros it
+    inserts between input pixels (3/4 of them for K=2, S=2, the U-Net
+    default), so the matmul form wins where each output pixel meets few input
+    pixels per axis: `ceil(K / S) == 1`, or `== 2` with a stride above 1.
+    With stride 1 (and K > 1) there are no inserted zeros and the patch
+    tensor is K*K times the output, so the plain convolution wins. The
+    forward+backward timings behind this rule are in the README.
     """
     return all(
         -(-k // s) == 1 or (-(-k // s) == 2 and s >= 2)
@@ -216,12 +204,8 @@ def conv_transpose(
         )
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"x must have non-empty spatial dims, got shape {x.shape}.")
-    strides_hw = _pair(strides, "strides")
-    padding_hw = _pair(padding, "padding")
-    if min(strides_hw) < 1:
-        raise ValueError(f"strides must be >= 1, got {strides!r}.")
-    if min(padding_hw) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding!r}.")
+    strides_hw = pair(strides, "strides", minimum=1)
+    padding_hw = pair(padding, "padding", minimum=0)
     for axis, n, k, s, p in zip(
         ("height", "width"), x.shape[1:3], kernel.shape[:2], strides_hw, padding_hw, strict=True
     ):

@@ -16,11 +16,9 @@ variable-length lists is done here on fixed shapes, with validity masks:
   instance masks by :func:`jfcnn.ops.roi_align` itself.
 * :func:`paste_masks`: per-box mask predictions resized into their boxes in
   the full image and thresholded.
-* :func:`roi_align_dense` and :func:`multilevel_roi_align_dense`: the same
-  values as :func:`jfcnn.ops.roi_align` / :func:`jfcnn.ops.multilevel_roi_align`
-  computed as two small matrix products per box, without gathers or
-  scatters, meant for matrix units (on a 2-core CPU the gather form trains
-  ``configs/maskrcnn.py`` 10-15% faster: 4.0-4.3 against 3.7-3.9 steps/s).
+
+ROI Align itself, in both its gather and dense forms, lives in
+:mod:`jfcnn.ops.roi_align`.
 
 The per-image functions take one image's arrays; ``jax.vmap`` them over a
 batch. :func:`crop_mask_targets` and :func:`paste_masks` are batched
@@ -39,7 +37,6 @@ Dimension letters used in the docstrings:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -47,22 +44,12 @@ import jax.numpy as jnp
 
 from jfcnn.ops.boxes import clip_boxes, decode_boxes, min_size_mask
 from jfcnn.ops.nms import batched_nms
-from jfcnn.ops.roi_align import (
-    _MULTILEVEL_MAX_SAMPLING_RATIO,
-    _axis_samples,
-    _check_pyramid,
-    _grid_count,
-    _pair,
-    fpn_levels,
-    roi_align,
-)
+from jfcnn.ops.roi_align import roi_align
 
 __all__ = [
     "crop_mask_targets",
     "match_boxes",
-    "multilevel_roi_align_dense",
     "paste_masks",
-    "roi_align_dense",
     "sample_balanced",
     "sample_rois",
     "select_detections",
@@ -554,173 +541,3 @@ def paste_masks(
     if threshold is None:
         return pasted
     return (pasted >= threshold).astype(jnp.uint8)
-
-
-def _align_weights(
-    start: jax.Array,
-    end: jax.Array,
-    size: int,
-    pooled: int,
-    *,
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-    max_sampling_ratio: int,
-) -> jax.Array:
-    """``(..., pooled, size)``: each bin's ROI Align weights on the rows (or columns).
-
-    The samples of :func:`jfcnn.ops.roi_align` (torchvision's positions and
-    border rules), each spread over its two bilinear taps; a bin is the mean
-    of its ``grid`` samples per axis.
-    """
-    offset = 0.5 if aligned else 0.0
-    start = start * spatial_scale - offset
-    end = end * spatial_scale - offset
-    grid = _grid_count(end - start, pooled, sampling_ratio, max_sampling_ratio, aligned)
-    slots = sampling_ratio if sampling_ratio > 0 else max_sampling_ratio
-
-    def samples(start, end, grid):
-        return _axis_samples(start, end, size, pooled, grid, slots, aligned)
-
-    for _ in range(start.ndim):  # _axis_samples takes one box.
-        samples = jax.vmap(samples)
-    lo, hi, frac, valid = samples(start, end, grid)
-    cells = jnp.arange(size)
-    weights = (lo[..., None] == cells) * (1.0 - frac)[..., None]
-    weights += (hi[..., None] == cells) * frac[..., None]
-    weights = jnp.sum(weights * valid[..., None], axis=-2)
-    # torchvision averages over grid_h * grid_w samples: 1 / grid per axis.
-    return weights / jnp.maximum(grid, 1).astype(weights.dtype)[..., None, None]
-
-
-def _check_dense_inputs(features: jax.Array, boxes: jax.Array) -> None:
-    if features.ndim != 4:
-        raise ValueError(f"features must have shape (B, H, W, C), got {features.shape}")
-    if boxes.ndim != 3 or boxes.shape[0] != features.shape[0] or boxes.shape[2] != 4:
-        raise ValueError(f"boxes must have shape ({features.shape[0]}, N, 4), got {boxes.shape}")
-
-
-def _dense_pool(features, boxes, output_size, box_weight, **kwargs):
-    _, h, w, _ = features.shape
-    ph, pw = _pair(output_size)
-    acc = jnp.promote_types(features.dtype, jnp.float32)
-    boxes = boxes.astype(acc)
-    wy = _align_weights(boxes[..., 1], boxes[..., 3], h, ph, **kwargs)
-    wx = _align_weights(boxes[..., 0], boxes[..., 2], w, pw, **kwargs)
-    if box_weight is not None:
-        wy = wy * box_weight[..., None, None]
-    wy, wx = wy.astype(features.dtype), wx.astype(features.dtype)
-    rows = jnp.einsum("bnph,bhwc->bnpwc", wy, features, preferred_element_type=acc)
-    return jnp.einsum(
-        "bnpwc,bnqw->bnpqc", rows.astype(features.dtype), wx, preferred_element_type=acc
-    )
-
-
-def roi_align_dense(
-    features: jax.Array,
-    boxes: jax.Array,
-    output_size: int | tuple[int, int],
-    *,
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = 2,
-    aligned: bool = True,
-    max_sampling_ratio: int = 8,
-) -> jax.Array:
-    """:func:`jfcnn.ops.roi_align` (batched form) as two matrix products per box.
-
-    Same arguments and values as ``roi_align(features, boxes, ...)`` with
-    per-image boxes (up to float rounding), computed as ``Wy @ F @ Wx^T``
-    where ``Wy`` ``(PH, H)`` and ``Wx`` ``(PW, W)`` hold each bin's summed
-    bilinear sample weights (ROI Align is separable). The work is
-    ``B * N * PH * H * W * C`` multiply-adds, independent of the box sizes,
-    and the gradient is two more matrix products, with no gather or scatter,
-    which suits matrix units; the work grows with the map size, so it is for
-    small maps (tens of pixels a side). Not differentiable with respect to
-    ``boxes`` (pass constants).
-
-    Args:
-      features: ``(B, H, W, C)`` feature maps.
-      boxes: ``(B, N, 4)`` boxes ``(x1, y1, x2, y2)`` in image coordinates.
-      output_size: ``PH`` = ``PW`` or ``(PH, PW)``.
-      spatial_scale, sampling_ratio, aligned, max_sampling_ratio: as in
-        :func:`jfcnn.ops.roi_align`.
-
-    Returns:
-      ``(B, N, PH, PW, C)`` in the dtype of ``features``.
-
-    Raises:
-      ValueError: on inconsistent shapes.
-
-    >>> features = jnp.arange(16.0).reshape(1, 4, 4, 1)
-    >>> boxes = jnp.array([[[0.5, 0.5, 2.5, 2.5]]])
-    >>> roi_align_dense(features, boxes, 2, sampling_ratio=1)[0, 0, ..., 0]
-    Array([[2.5, 3.5],
-           [6.5, 7.5]], dtype=float32)
-    """
-    features, boxes = jnp.asarray(features), jnp.asarray(boxes)
-    _check_dense_inputs(features, boxes)
-    out = _dense_pool(
-        features,
-        jax.lax.stop_gradient(boxes),
-        output_size,
-        None,
-        spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio,
-        aligned=aligned,
-        max_sampling_ratio=max_sampling_ratio,
-    )
-    return out.astype(features.dtype)
-
-
-def multilevel_roi_align_dense(
-    features: Sequence[jax.Array],
-    boxes: jax.Array,
-    output_size: int | tuple[int, int],
-    *,
-    strides: Sequence[int],
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_scale: float = 224,
-    canonical_level: int = 4,
-) -> jax.Array:
-    """:func:`jfcnn.ops.multilevel_roi_align` with :func:`roi_align_dense` per level.
-
-    Each box is pooled from its FPN level (the same level rule); every level
-    is visited with the boxes of other levels weighted by zero, so the cost
-    is the sum over levels of :func:`roi_align_dense`'s.
-
-    Args:
-      features: ``L`` maps ``(B, Hl, Wl, C)``, finest first.
-      boxes: ``(B, N, 4)`` boxes in image coordinates.
-      output_size: ``PH`` = ``PW`` or ``(PH, PW)``.
-      strides: stride of each level (powers of two, doubling).
-      sampling_ratio, aligned, canonical_scale, canonical_level: as in
-        :func:`jfcnn.ops.multilevel_roi_align`.
-
-    Returns:
-      ``(B, N, PH, PW, C)`` in the dtype of the features.
-    """
-    features, boxes, strides = _check_pyramid(features, boxes, strides)
-    boxes = jax.lax.stop_gradient(boxes)
-    k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
-    level = fpn_levels(
-        boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32)),
-        k_min=k_min,
-        k_max=k_max,
-        canonical_scale=canonical_scale,
-        canonical_level=canonical_level,
-    )
-    out = None
-    for index, (f, stride) in enumerate(zip(features, strides, strict=True)):
-        pooled = _dense_pool(
-            f,
-            boxes,
-            output_size,
-            (level == index).astype(jnp.float32),
-            spatial_scale=1.0 / stride,
-            sampling_ratio=sampling_ratio,
-            aligned=aligned,
-            max_sampling_ratio=_MULTILEVEL_MAX_SAMPLING_RATIO,
-        )
-        out = pooled if out is None else out + pooled
-    return out.astype(features[0].dtype)

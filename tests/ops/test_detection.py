@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ops_reference import nms_loop
 
 from jfcnn.ops import detection
-from jfcnn.ops.roi_align import multilevel_roi_align, roi_align
 
 # ---------------------------------------------------------------------------
 # Loop references (float64 NumPy, one element at a time).
@@ -39,26 +39,6 @@ def match_loop(iou, high, low, allow_low, gt_valid, candidate_valid):
                     labels[i] = 1
     labels[~candidate_valid] = -1
     return matched, labels
-
-
-def iou_pair(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def nms_loop(boxes, scores, threshold, class_ids):
-    """Greedy NMS per class, best score first."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    keep = []
-    for i in order:
-        if all(
-            class_ids[k] != class_ids[i] or iou_pair(boxes[i], boxes[k]) <= threshold for k in keep
-        ):
-            keep.append(i)
-    return keep
 
 
 def decode_loop(delta, box, weights):
@@ -281,7 +261,9 @@ def test_select_proposals_matches_loop():
     ]
     big = [i for i, b in enumerate(decoded) if b[2] - b[0] >= 1e-3 and b[3] - b[1] >= 1e-3]
     probs = 1 / (1 + np.exp(-objectness[candidates].astype(np.float64)))
-    keep = nms_loop([decoded[i] for i in big], probs[big], threshold, [levels[i] for i in big])
+    keep = nms_loop(
+        [decoded[i] for i in big], probs[big], threshold, class_ids=[levels[i] for i in big]
+    )
     keep = [big[k] for k in keep][:post]
     assert valid.sum() == len(keep) and np.all(valid[: len(keep)])
     np.testing.assert_allclose(boxes[: len(keep)], [decoded[i] for i in keep], atol=1e-3)
@@ -322,7 +304,9 @@ def test_select_detections_matches_loop():
             big = box[2] - box[0] >= 1e-2 and box[3] - box[1] >= 1e-2
             if proposal_valid[i] and probs[i, c] > 0.2 and big:
                 cands.append((box, probs[i, c], c))
-    keep = nms_loop([c[0] for c in cands], [c[1] for c in cands], 0.4, [c[2] for c in cands])
+    keep = nms_loop(
+        [c[0] for c in cands], [c[1] for c in cands], 0.4, class_ids=[c[2] for c in cands]
+    )
     keep = keep[:12]
     assert valid.sum() == len(keep) and np.all(valid[: len(keep)])
     np.testing.assert_allclose(boxes[: len(keep)], [cands[i][0] for i in keep], atol=1e-3)
@@ -439,43 +423,3 @@ def test_paste_masks_matches_torch_grid_sample():
 def test_paste_masks_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="leading dimensions"):
         detection.paste_masks(jnp.ones((2, 7, 7)), jnp.ones((3, 4)), (8, 8))
-
-
-# ---------------------------------------------------------------------------
-# Dense ROI Align
-
-
-@pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, True), (1, False), (0, False)])
-def test_roi_align_dense_equals_roi_align(sampling_ratio, aligned):
-    rng = np.random.default_rng(sampling_ratio)
-    features = jnp.asarray(rng.normal(size=(2, 16, 12, 3)), jnp.float32)
-    # Boxes partly or wholly outside the map, tiny and large ones.
-    boxes = jnp.asarray(random_boxes(rng, 40, -10, 60, 0.0, 40.0).reshape(2, 20, 4))
-    kwargs = dict(spatial_scale=0.25, sampling_ratio=sampling_ratio, aligned=aligned)
-
-    @jax.jit
-    def values_and_grads(features):
-        def pool_and_grad(fn):
-            pool = functools.partial(fn, boxes=boxes, output_size=(5, 4), **kwargs)
-            return pool(features), jax.grad(lambda f: jnp.sum(jnp.sin(pool(f))))(features)
-
-        return pool_and_grad(detection.roi_align_dense), pool_and_grad(roi_align)
-
-    (got, got_grad), (want, want_grad) = values_and_grads(features)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    np.testing.assert_allclose(got_grad, want_grad, atol=1e-4)
-
-
-def test_multilevel_roi_align_dense_equals_multilevel_roi_align():
-    rng = np.random.default_rng(0)
-    maps = [jnp.asarray(rng.normal(size=(2, 32 >> i, 32 >> i, 3)), jnp.float32) for i in range(3)]
-    boxes = jnp.asarray(random_boxes(rng, 30, -5, 110, 1.0, 100.0).reshape(2, 15, 4))
-    kwargs = dict(strides=(4, 8, 16), aligned=True, canonical_scale=56.0)
-    pool = jax.jit(
-        lambda maps, boxes: (
-            detection.multilevel_roi_align_dense(maps, boxes, 7, **kwargs),
-            multilevel_roi_align(maps, boxes, 7, **kwargs),
-        )
-    )
-    got, want = pool(maps, boxes)
-    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ops_reference import nms_loop
 
 from jfcnn.ops.nms import batched_nms as batched_nms_op
 from jfcnn.ops.nms import nms as nms_op
@@ -13,33 +14,6 @@ from jfcnn.ops.nms import nms as nms_op
 # Jitted once per static configuration; eager calls would compile op by op.
 nms = jax.jit(nms_op, static_argnames=("max_output", "tile_size"))
 batched_nms = jax.jit(batched_nms_op, static_argnames=("max_output", "tile_size"))
-
-
-def iou_pair(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def nms_loop(boxes, scores, iou_threshold, valid=None, class_ids=None):
-    """Greedy NMS one box at a time (torchvision semantics), float64."""
-    boxes = np.asarray(boxes, np.float64)
-    scores = np.asarray(scores, np.float64)
-    n = len(scores)
-    valid = np.ones(n, bool) if valid is None else np.asarray(valid)
-    class_ids = np.zeros(n, int) if class_ids is None else np.asarray(class_ids)
-    order = [i for i in range(n) if valid[i] and scores[i] > -np.inf]
-    order.sort(key=lambda i: -scores[i])  # Python's sort is stable: ties by index
-    keep = []
-    for i in order:
-        if all(
-            class_ids[k] != class_ids[i] or iou_pair(boxes[i], boxes[k]) <= iou_threshold
-            for k in keep
-        ):
-            keep.append(i)
-    return keep
 
 
 def padded(keep, max_output):

@@ -1,0 +1,205 @@
+"""ROI Align in its dense form: two small matrix products per box.
+
+`roi_align_dense` and `multilevel_roi_align_dense` give the values of
+`roi_align` (batched form) and `multilevel_roi_align` (up to float rounding)
+without gathers or scatters: ROI Align is separable, so the bins of one box
+are `Wy @ F @ Wx^T`, where `Wy (PH, H)` and `Wx (PW, W)` hold each bin's
+summed bilinear sample weights, built from the same sample geometry
+(`_geometry`). The work is `B * N * PH * H * W * C` multiply-adds whatever the
+box sizes, and the feature gradient is two more matrix products; this suits
+matrix units and small maps (tens of pixels a side). Neither form is
+differentiable with respect to the boxes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jfcnn.ops._util import pair
+from jfcnn.ops.roi_align._geometry import (
+    MULTILEVEL_MAX_SAMPLING_RATIO,
+    axis_samples,
+    check_pyramid,
+    fpn_levels,
+    grid_count,
+)
+
+
+def _align_weights(
+    start: jax.Array,
+    end: jax.Array,
+    size: int,
+    pooled: int,
+    *,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    max_sampling_ratio: int,
+) -> jax.Array:
+    """``(..., pooled, size)``: each bin's ROI Align weights on the rows (or columns).
+
+    The samples of :func:`jfcnn.ops.roi_align` (torchvision's positions and
+    border rules), each spread over its two bilinear taps; a bin is the mean
+    of its ``grid`` samples per axis.
+    """
+    offset = 0.5 if aligned else 0.0
+    start = start * spatial_scale - offset
+    end = end * spatial_scale - offset
+    grid = grid_count(end - start, pooled, sampling_ratio, max_sampling_ratio, aligned)
+    slots = sampling_ratio if sampling_ratio > 0 else max_sampling_ratio
+
+    def samples(start, end, grid):
+        return axis_samples(start, end, size, pooled, grid, slots, aligned)
+
+    for _ in range(start.ndim):  # axis_samples takes one box.
+        samples = jax.vmap(samples)
+    lo, hi, frac, valid = samples(start, end, grid)
+    cells = jnp.arange(size)
+    weights = (lo[..., None] == cells) * (1.0 - frac)[..., None]
+    weights += (hi[..., None] == cells) * frac[..., None]
+    weights = jnp.sum(weights * valid[..., None], axis=-2)
+    # torchvision averages over grid_h * grid_w samples: 1 / grid per axis.
+    return weights / jnp.maximum(grid, 1).astype(weights.dtype)[..., None, None]
+
+
+def _check_dense_inputs(features: jax.Array, boxes: jax.Array) -> None:
+    if features.ndim != 4:
+        raise ValueError(f"features must have shape (B, H, W, C), got {features.shape}")
+    if boxes.ndim != 3 or boxes.shape[0] != features.shape[0] or boxes.shape[2] != 4:
+        raise ValueError(f"boxes must have shape ({features.shape[0]}, N, 4), got {boxes.shape}")
+
+
+def _dense_pool(features_bhwc, boxes_bn4, output_size, box_weight_bn, **kwargs):
+    """`(B, N, PH, PW, C)` in the accumulation dtype; `box_weight_bn` scales each box."""
+    _, h, w, _ = features_bhwc.shape
+    ph, pw = pair(output_size, "output_size", minimum=1)
+    dtype = features_bhwc.dtype
+    acc = jnp.promote_types(dtype, jnp.float32)
+    boxes_bn4 = boxes_bn4.astype(acc)
+    wy_bnph = _align_weights(boxes_bn4[..., 1], boxes_bn4[..., 3], h, ph, **kwargs)
+    wx_bnqw = _align_weights(boxes_bn4[..., 0], boxes_bn4[..., 2], w, pw, **kwargs)
+    if box_weight_bn is not None:
+        wy_bnph = wy_bnph * box_weight_bn[..., None, None]
+    wy_bnph, wx_bnqw = wy_bnph.astype(dtype), wx_bnqw.astype(dtype)
+    rows_bnpwc = jnp.einsum("bnph,bhwc->bnpwc", wy_bnph, features_bhwc, preferred_element_type=acc)
+    return jnp.einsum(
+        "bnpwc,bnqw->bnpqc", rows_bnpwc.astype(dtype), wx_bnqw, preferred_element_type=acc
+    )
+
+
+def roi_align_dense(
+    features: jax.Array,
+    boxes: jax.Array,
+    output_size: int | tuple[int, int],
+    *,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    max_sampling_ratio: int = 8,
+) -> jax.Array:
+    """:func:`jfcnn.ops.roi_align` (batched form) as two matrix products per box.
+
+    Same arguments and values as ``roi_align(features, boxes, ...)`` with
+    per-image boxes (up to float rounding), computed as ``Wy @ F @ Wx^T``
+    where ``Wy`` ``(PH, H)`` and ``Wx`` ``(PW, W)`` hold each bin's summed
+    bilinear sample weights (ROI Align is separable). The work is
+    ``B * N * PH * H * W * C`` multiply-adds, independent of the box sizes,
+    and the gradient is two more matrix products, with no gather or scatter,
+    which suits matrix units; the work grows with the map size, so it is for
+    small maps (tens of pixels a side). Not differentiable with respect to
+    ``boxes`` (pass constants).
+
+    Args:
+      features: ``(B, H, W, C)`` feature maps.
+      boxes: ``(B, N, 4)`` boxes ``(x1, y1, x2, y2)`` in image coordinates.
+      output_size: ``PH`` = ``PW`` or ``(PH, PW)``.
+      spatial_scale, sampling_ratio, aligned, max_sampling_ratio: as in
+        :func:`jfcnn.ops.roi_align`, with its defaults (`aligned=True`,
+        detectron2's `ROIAlignV2`; torchvision's `roi_align` defaults to
+        False).
+
+    Returns:
+      ``(B, N, PH, PW, C)`` in the dtype of ``features``.
+
+    Raises:
+      ValueError: on inconsistent shapes or a bad `output_size`.
+
+    >>> features = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> boxes = jnp.array([[[0.5, 0.5, 2.5, 2.5]]])
+    >>> roi_align_dense(features, boxes, 2, sampling_ratio=1)[0, 0, ..., 0]
+    Array([[2.5, 3.5],
+           [6.5, 7.5]], dtype=float32)
+    """
+    features, boxes = jnp.asarray(features), jnp.asarray(boxes)
+    _check_dense_inputs(features, boxes)
+    out = _dense_pool(
+        features,
+        jax.lax.stop_gradient(boxes),
+        output_size,
+        None,
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        max_sampling_ratio=max_sampling_ratio,
+    )
+    return out.astype(features.dtype)
+
+
+def multilevel_roi_align_dense(
+    features: Sequence[jax.Array],
+    boxes: jax.Array,
+    output_size: int | tuple[int, int],
+    *,
+    strides: Sequence[int],
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+) -> jax.Array:
+    """:func:`jfcnn.ops.multilevel_roi_align` with :func:`roi_align_dense` per level.
+
+    Each box is pooled from its FPN level (the same level rule); every level
+    is visited with the boxes of other levels weighted by zero, so the cost
+    is the sum over levels of :func:`roi_align_dense`'s.
+
+    Args:
+      features: ``L`` maps ``(B, Hl, Wl, C)``, finest first.
+      boxes: ``(B, N, 4)`` boxes in image coordinates.
+      output_size: ``PH`` = ``PW`` or ``(PH, PW)``.
+      strides: stride of each level (powers of two, doubling).
+      sampling_ratio, aligned, canonical_scale, canonical_level: as in
+        :func:`jfcnn.ops.multilevel_roi_align`, with its defaults
+        (`aligned=False`, torchvision's `MultiScaleRoIAlign`, which its
+        pretrained Mask R-CNN weights need).
+
+    Returns:
+      ``(B, N, PH, PW, C)`` in the dtype of the features.
+    """
+    features, boxes, strides = check_pyramid(features, boxes, strides)
+    boxes = jax.lax.stop_gradient(boxes)
+    k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
+    level = fpn_levels(
+        boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32)),
+        k_min=k_min,
+        k_max=k_max,
+        canonical_scale=canonical_scale,
+        canonical_level=canonical_level,
+    )
+    out = None
+    for index, (f, stride) in enumerate(zip(features, strides, strict=True)):
+        pooled = _dense_pool(
+            f,
+            boxes,
+            output_size,
+            (level == index).astype(jnp.float32),
+            spatial_scale=1.0 / stride,
+            sampling_ratio=sampling_ratio,
+            aligned=aligned,
+            max_sampling_ratio=MULTILEVEL_MAX_SAMPLING_RATIO,
+        )
+        out = pooled if out is None else out + pooled
+    return out.astype(features[0].dtype)

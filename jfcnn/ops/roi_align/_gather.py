@@ -1,0 +1,364 @@
+"""ROI Align in its gather form: `roi_align` and `multilevel_roi_align`.
+
+Validation, the three input forms of `roi_align` and the pyramid canvas of
+`multilevel_roi_align`; both pool with the patch-gather kernel of `_kernel`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jfcnn.ops._util import check_int, pair
+from jfcnn.ops.roi_align._geometry import (
+    MULTILEVEL_MAX_SAMPLING_RATIO,
+    check_pyramid,
+    fpn_levels,
+)
+from jfcnn.ops.roi_align._kernel import patch_extent, roi_align_flat
+
+
+def roi_align(
+    features: jax.Array,
+    boxes: jax.Array,
+    output_size: int | tuple[int, int],
+    *,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    box_indices: jax.Array | None = None,
+    max_sampling_ratio: int = 8,
+) -> jax.Array:
+    """Pools a `(PH, PW)` grid of bilinearly sampled features from each box.
+
+    Semantics are exactly those of `torchvision.ops.roi_align` (equivalently
+    ONNX `RoiAlign` in average mode and detectron2's `ROIAlign`):
+
+    * A box `(x1, y1, x2, y2)` in input-image coordinates is mapped to the
+      feature map as `coord * spatial_scale`, minus 0.5 pixel if `aligned`
+      (pixel centres at integer + 0.5, the correct alignment). With
+      `aligned=False` (legacy Detectron) there is no shift and the box is grown
+      to at least 1x1.
+    * The box is split into `PH x PW` bins; each output value is the average of
+      a `sampling_ratio x sampling_ratio` grid of bilinear samples placed at the
+      bin's sub-cell centres.
+    * A sample at `y < -1` or `y > H` (or `x < -1`, `x > W`) counts as 0 but
+      still counts in the average. Otherwise `y <= 0` is read at row 0 and
+      `y >= H - 1` at row `H - 1` (the kernel's low/high index rule), and
+      likewise for `x`.
+    * `sampling_ratio <= 0` takes `ceil(roi_height / PH) x ceil(roi_width / PW)`
+      samples per bin (torchvision's adaptive mode). An empty box then has no
+      samples and pools zeros, with zero gradients (never NaN). To keep static
+      shapes the count per axis is capped at `max_sampling_ratio`: the result
+      equals torchvision's whenever `ceil(roi_size / output) <=
+      max_sampling_ratio` (for the default 8 and a 7x7 output, boxes up to 56
+      feature pixels); above it that axis takes `max_sampling_ratio` evenly
+      spaced samples per bin, as a fixed `sampling_ratio` of that value would.
+      `max_sampling_ratio` is ignored for `sampling_ratio > 0`.
+
+    The result is differentiable with respect to `features` and `boxes` (the
+    box gradient, which torchvision does not provide, is the exact derivative
+    through the samples' positions: zero where a sample is clamped, undefined
+    only where a sample lies exactly on a pixel row or column or a border, or
+    where an adaptive count changes). Reverse mode only (`jax.grad`,
+    `jax.vjp`): the op is a custom VJP. Arithmetic is done in float32 (float64
+    for float64 inputs) and the result has the dtype of `features`.
+
+    Shapes, with `B` images, `N` boxes per image, `K` boxes in all, `H x W`
+    the feature map, `C` channels and `PH x PW` the output grid:
+
+    * `features (H, W, C)`, `boxes (N, 4)` -> `(N, PH, PW, C)`;
+    * `features (B, H, W, C)`, `boxes (B, N, 4)` -> `(B, N, PH, PW, C)`;
+    * `features (B, H, W, C)`, `boxes (K, 4)`, `box_indices (K,)` ->
+      `(K, PH, PW, C)` (torchvision's flat form; `box_indices[k]` is the image
+      of box k).
+
+    The batched forms pool all boxes in one call, which is faster than
+    `jax.vmap` over images (that works too, but in the adaptive mode evaluates
+    every patch size the run-time switch could pick). Image indices outside
+    `[0, B)` are clamped, as JAX indexing does.
+
+    Args:
+      features: `(H, W, C)` or `(B, H, W, C)` feature map(s), NHWC.
+      boxes: boxes `(x1, y1, x2, y2)` in input-image coordinates, shaped as
+        above.
+      output_size: `PH` = `PW` as an int, or `(PH, PW)`.
+      spatial_scale: feature-map pixels per input-image pixel (1 / stride); a
+        Python number or a traced scalar.
+      sampling_ratio: samples per bin along each axis; `<= 0` for adaptive.
+      aligned: shift boxes by -0.5 pixel (True) or use the legacy Detectron
+        convention (False). The default True is detectron2's `ROIAlignV2`
+        (pixel centres at integer + 0.5); `torchvision.ops.roi_align`
+        defaults to False, so pass `aligned=False` to reproduce a torchvision
+        call that leaves it unset. (`multilevel_roi_align` defaults to False,
+        as torchvision's `MultiScaleRoIAlign`.)
+      box_indices: `(K,)` integer image index of each box, for the flat form.
+      max_sampling_ratio: cap on the adaptive sample count per bin axis.
+
+    Returns:
+      The pooled features, shaped as above, with the dtype of `features`.
+
+    Raises:
+      ValueError: on a wrong rank, a last box dimension other than 4,
+        mismatched batch sizes, or an `output_size` that is not a positive int
+        or pair of ints; TypeError on non-integer `box_indices` or
+        non-floating inputs.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> features = jnp.arange(16.0).reshape(4, 4, 1)  # F[y, x] = 4 y + x
+    >>> boxes = jnp.array([[0.5, 0.5, 2.5, 2.5]])      # centred on pixels 0..2
+    >>> out = roi_align(features, boxes, 2, sampling_ratio=1)
+    >>> out.shape
+    (1, 2, 2, 1)
+    >>> out[0, :, :, 0].tolist()  # samples at (0.5, 0.5), (0.5, 1.5), ...
+    [[2.5, 3.5], [6.5, 7.5]]
+    """
+    output_size = pair(output_size, "output_size", minimum=1)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+    max_sampling_ratio = check_int("max_sampling_ratio", max_sampling_ratio)
+    if max_sampling_ratio < 1:
+        raise ValueError(f"max_sampling_ratio must be >= 1, got {max_sampling_ratio}")
+    features = jnp.asarray(features)
+    boxes = jnp.asarray(boxes)
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        raise TypeError(f"features must be floating point, got dtype {features.dtype}")
+    if not jnp.issubdtype(boxes.dtype, jnp.floating):
+        raise TypeError(f"boxes must be floating point, got dtype {boxes.dtype}")
+    if boxes.ndim == 0 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must end in a dimension of 4 (x1, y1, x2, y2), got {boxes.shape}")
+
+    if features.ndim == 3:
+        if box_indices is not None:
+            raise ValueError(
+                "box_indices is only for batched features (B, H, W, C), got features "
+                f"of shape {features.shape}"
+            )
+        if boxes.ndim != 2:
+            raise ValueError(f"features (H, W, C) need boxes (N, 4), got boxes {boxes.shape}")
+    elif features.ndim == 4:
+        if box_indices is None:
+            if boxes.ndim != 3 or boxes.shape[0] != features.shape[0]:
+                raise ValueError(
+                    f"features {features.shape} (B, H, W, C) need per-image boxes (B, N, 4) "
+                    f"with the same B, or flat boxes (K, 4) with box_indices; got boxes "
+                    f"{boxes.shape}"
+                )
+        else:
+            box_indices = jnp.asarray(box_indices)
+            if not jnp.issubdtype(box_indices.dtype, jnp.integer):
+                raise TypeError(f"box_indices must be integers, got dtype {box_indices.dtype}")
+            if boxes.ndim != 2 or box_indices.shape != boxes.shape[:1]:
+                raise ValueError(
+                    f"flat form needs boxes (K, 4) and box_indices (K,), got boxes {boxes.shape} "
+                    f"and box_indices {box_indices.shape}"
+                )
+    else:
+        raise ValueError(f"features must be (H, W, C) or (B, H, W, C), got shape {features.shape}")
+    if min(features.shape[-3:-1]) < 1:
+        raise ValueError(f"features must have a non-empty spatial extent, got {features.shape}")
+    return _roi_align_impl(
+        features,
+        boxes,
+        box_indices,
+        spatial_scale,
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        max_sampling_ratio=max_sampling_ratio,
+    )
+
+
+# Jitted here so that calls outside `jit` compile once instead of dispatching
+# every small op; inside a caller's `jit` it is simply inlined.
+@functools.partial(
+    jax.jit, static_argnames=("output_size", "sampling_ratio", "aligned", "max_sampling_ratio")
+)
+def _roi_align_impl(
+    features,
+    boxes,
+    box_indices,
+    spatial_scale,
+    *,
+    output_size,
+    sampling_ratio,
+    aligned,
+    max_sampling_ratio,
+):
+    if features.ndim == 3:
+        canvas, image, out_shape = (
+            features[None],
+            jnp.zeros(boxes.shape[:1], jnp.int32),
+            boxes.shape[:1],
+        )
+    elif box_indices is None:
+        b, n = boxes.shape[:2]
+        canvas, image, out_shape = features, jnp.repeat(jnp.arange(b, dtype=jnp.int32), n), (b, n)
+    else:
+        # The gathers promise in-bounds indices, so clamp like JAX indexing.
+        image = jnp.clip(box_indices, 0, features.shape[0] - 1).astype(jnp.int32)
+        canvas, out_shape = features, boxes.shape[:1]
+    _, h, w, c = canvas.shape
+    out = roi_align_flat(
+        canvas,
+        image,
+        boxes.reshape(-1, 4),
+        scale=spatial_scale,
+        level_h=h,
+        level_w=w,
+        cap_y=h,
+        cap_x=w,
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        max_sampling_ratio=max_sampling_ratio,
+    )
+    return out.reshape(*out_shape, *output_size, c)
+
+
+def multilevel_roi_align(
+    features: Sequence[jax.Array],
+    boxes: jax.Array,
+    output_size: int | tuple[int, int],
+    *,
+    strides: Sequence[int],
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+) -> jax.Array:
+    """ROI Align from a feature pyramid, each box from the level that fits it.
+
+    Matches torchvision's `MultiScaleRoIAlign`: box `(x1, y1, x2, y2)` (image
+    coordinates) is pooled with `roi_align(..., spatial_scale=1 / stride)` from
+    level `floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`
+    (the eps added after the log, as torchvision's `LevelMapper` does), clamped
+    to the levels given, where the finest map has level `log2(strides[0])`.
+
+    All shapes are static: the levels are laid out one below the other on one
+    zero-padded canvas per image and every box is pooled in a single call, so
+    the cost is that of one `roi_align` over all boxes, not one per level.
+
+    Shapes: `B` images, `N` boxes per image, level `l` of size `Hl x Wl`, `C`
+    channels, `PH x PW` output grid.
+
+    Args:
+      features: sequence of `(B, Hl, Wl, C)` maps, finest first.
+      boxes: `(B, N, 4)` boxes in image coordinates.
+      output_size: `PH` = `PW` as an int, or `(PH, PW)`.
+      strides: stride of each level, e.g. `(4, 8, 16, 32)`; consecutive levels
+        must differ by a factor of 2.
+      sampling_ratio: as in `roi_align` (`<= 0` for adaptive).
+      aligned: as in `roi_align`, but False by default: torchvision's
+        `MultiScaleRoIAlign` (the box and mask poolers of its Faster and Mask
+        R-CNN) always pools with `aligned=False`, so torchvision's pretrained
+        Mask R-CNN weights need False. detectron2's FPN heads (`ROIAlignV2`)
+        and `roi_align`'s default use True.
+      canonical_scale, canonical_level: FPN level heuristic (224 and 4).
+
+    Returns:
+      `(B, N, PH, PW, C)` pooled features, in the dtype of `features`.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> maps = [jnp.ones((1, 16, 16, 8)), jnp.ones((1, 8, 8, 8))]
+    >>> boxes = jnp.array([[[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 60.0, 60.0]]])
+    >>> multilevel_roi_align(maps, boxes, 7, strides=(4, 8)).shape
+    (1, 2, 7, 7, 8)
+    """
+    output_size = pair(output_size, "output_size", minimum=1)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+    features, boxes, strides = check_pyramid(features, boxes, strides)
+
+    return _multilevel_impl(
+        tuple(features),
+        boxes,
+        output_size=output_size,
+        strides=strides,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        canonical_scale=canonical_scale,
+        canonical_level=canonical_level,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "output_size",
+        "strides",
+        "sampling_ratio",
+        "aligned",
+        "canonical_scale",
+        "canonical_level",
+    ),
+)
+def _multilevel_impl(
+    features,
+    boxes,
+    *,
+    output_size,
+    strides,
+    sampling_ratio,
+    aligned,
+    canonical_scale,
+    canonical_level,
+):
+    first = features[0]
+    b, n = boxes.shape[:2]
+    c = first.shape[3]
+    k_min = int(-math.log2(1.0 / strides[0]))
+    k_max = int(-math.log2(1.0 / strides[-1]))
+    flat_boxes = boxes.reshape(-1, 4)
+    level = fpn_levels(
+        flat_boxes,
+        k_min=k_min,
+        k_max=k_max,
+        canonical_scale=canonical_scale,
+        canonical_level=canonical_level,
+    )
+    heights = [f.shape[1] for f in features]
+    widths = [f.shape[2] for f in features]
+    cap_y, cap_x = max(heights), max(widths)
+    max_grid = sampling_ratio if sampling_ratio > 0 else MULTILEVEL_MAX_SAMPLING_RATIO
+    if len(features) == 1:
+        canvas, row_offsets, col_offsets = first, [0], [0]
+    else:
+        # The finest map on the left, the coarser ones stacked to its right:
+        # about 1.5x the finest map's area for a pyramid whose sizes halve.
+        # Zero margins let a patch start at any pixel of any map.
+        pad_y, pad_x = patch_extent(sampling_ratio, max_grid, cap_y, cap_x)
+        right_rows = [0, *np.cumsum(heights[1:-1]).tolist()]
+        row_offsets = [0, *right_rows]
+        col_offsets = [0] + [widths[0]] * (len(features) - 1)
+        height = max(heights[0], sum(heights[1:])) + pad_y
+        width = widths[0] + max(widths[1:]) + pad_x
+        canvas = jnp.zeros((b, height, width, c), first.dtype)
+        canvas = lax.dynamic_update_slice(canvas, first, (0, 0, 0, 0))
+        for f, row in zip(features[1:], right_rows, strict=True):
+            canvas = lax.dynamic_update_slice(canvas, f, (0, row, widths[0], 0))
+    out = roi_align_flat(
+        canvas,
+        jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
+        flat_boxes,
+        scale=jnp.asarray([1.0 / s for s in strides], jnp.float32)[level],
+        level_h=jnp.asarray(heights, jnp.int32)[level],
+        level_w=jnp.asarray(widths, jnp.int32)[level],
+        row_offset=jnp.asarray(row_offsets, jnp.int32)[level],
+        col_offset=jnp.asarray(col_offsets, jnp.int32)[level],
+        cap_y=cap_y,
+        cap_x=cap_x,
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        max_sampling_ratio=MULTILEVEL_MAX_SAMPLING_RATIO,
+    )
+    return out.reshape(b, n, *output_size, c)
