@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfcnn.models.unet import UNet, group_norm_groups
+from jfcnn.models.layers import group_norm_groups
+from jfcnn.models.unet import UNet
 
 
 def parse_args(argv=None) -> argparse.Namespace:

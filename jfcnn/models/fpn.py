@@ -1,4 +1,4 @@
-"""Feature Pyramid Network (Lin et al., 2017) in Flax linen, NHWC.
+"""Feature Pyramid Network (Lin et al., 2017) in Flax linen, BHWC.
 
 The same computation as torchvision's ``FeaturePyramidNetwork`` with
 ``LastLevelMaxPool`` (the FPN of torchvision's ``maskrcnn_resnet50_fpn``): a
@@ -8,7 +8,7 @@ convolution per level, and P6 taken as every second pixel of P5.
 
 Letters used for shapes:
 
-  N: batch size.
+  B: batch size.
   Hl, Wl: height and width of level ``l``'s input feature map.
   Cl: channels of level ``l``'s input feature map.
   D: ``out_channels``.
@@ -50,20 +50,20 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(indices, in_size - 1)
 
 
-def resize_nearest(x_nhwc: jax.Array, height: int, width: int) -> jax.Array:
-    """Nearest-neighbour resize of ``(N, H, W, C)`` to ``(N, height, width, C)``.
+def resize_nearest(x_bhwc: jax.Array, height: int, width: int) -> jax.Array:
+    """Nearest-neighbour resize of ``(B, H, W, C)`` to ``(B, height, width, C)``.
 
     Matches ``torch.nn.functional.interpolate(x, size=(height, width),
     mode="nearest")``; see :func:`nearest_indices`.
     """
-    if x_nhwc.ndim != 4:
-        raise ValueError(f"x_nhwc must have shape (N, H, W, C), got shape {x_nhwc.shape}.")
-    _, h, w, _ = x_nhwc.shape
+    if x_bhwc.ndim != 4:
+        raise ValueError(f"x_bhwc must have shape (B, H, W, C), got shape {x_bhwc.shape}.")
+    _, h, w, _ = x_bhwc.shape
     if (height, width) == (2 * h, 2 * w):
         # The common case; a repeat lowers to a broadcast instead of a gather.
-        return jnp.repeat(jnp.repeat(x_nhwc, 2, axis=1), 2, axis=2)
-    x_nhwc = jnp.take(x_nhwc, nearest_indices(h, height), axis=1)
-    return jnp.take(x_nhwc, nearest_indices(w, width), axis=2)
+        return jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)
+    x_bhwc = jnp.take(x_bhwc, nearest_indices(h, height), axis=1)
+    return jnp.take(x_bhwc, nearest_indices(w, width), axis=2)
 
 
 def _level(name: str) -> int:
@@ -86,9 +86,9 @@ class FPN(nn.Module):
     where ``up`` resizes to ``lateral_l(C_l)``'s size by nearest neighbour
     (2x when sizes are even, :func:`resize_nearest` otherwise).
 
-    Shapes: input a mapping with ``in_features`` keys, each ``(N, Hl, Wl, Cl)``;
-    output ``{"p{l}": (N, Hl, Wl, D)}`` for every input level plus
-    ``"p{b+1}"`` of shape ``(N, ceil(Hb / 2), ceil(Wb / 2), D)``. With the
+    Shapes: input a mapping with ``in_features`` keys, each ``(B, Hl, Wl, Cl)``;
+    output ``{"p{l}": (B, Hl, Wl, D)}`` for every input level plus
+    ``"p{b+1}"`` of shape ``(B, ceil(Hb / 2), ceil(Wb / 2), D)``. With the
     default ``in_features`` on a :class:`jfcnn.models.resnet.ResNet`, that is
     ``"p2" .. "p6"`` at strides 4, 8, 16, 32, 64. Params: ``lateral_p{l}`` and
     ``output_p{l}`` per input level.
@@ -123,7 +123,7 @@ class FPN(nn.Module):
         for name in self.in_features:
             if features[name].ndim != 4:
                 raise ValueError(
-                    f"features[{name!r}] must have shape (N, H, W, C), "
+                    f"features[{name!r}] must have shape (B, H, W, C), "
                     f"got shape {features[name].shape}."
                 )
 

@@ -1,4 +1,4 @@
-"""ResNet backbones (He et al., 2016) in Flax linen, NHWC, torchvision-compatible.
+"""ResNet backbones (He et al., 2016) in Flax linen, BHWC, torchvision-compatible.
 
 The architecture is torchvision's ``resnet18/34/50/101`` without the classifier:
 a stem (7x7/2 convolution, normalization, ReLU, 3x3/2 max pool with padding 1)
@@ -9,33 +9,34 @@ the feature maps equal torchvision's.
 
 Letters used for shapes:
 
-  N: batch size (or number of ROIs for :class:`ResNetStage` in a C4 head).
+  B: batch size (or number of ROIs for :class:`ResNetStage` in a C4 head).
   H, W: input height and width.
   C: input channels.
 
-Normalization (``norm``):
+Normalization (``norm``, built by :func:`jfcnn.models.layers.norm_layer`):
 
-  ``"frozen_batch"``: a fixed affine map from stored ``scale``, ``bias``,
-      ``mean`` and ``var`` (detectron2's ``FrozenBatchNorm2d``), what detection
-      fine-tuning of a pretrained backbone uses. All four live in the
-      ``batch_stats`` collection, so they are neither trained nor decayed by
-      the optimizer and never updated. Initialized to the identity, it is
-      meant for loading pretrained weights, not for training from scratch.
+  ``"frozen_batch"``: :class:`~jfcnn.models.layers.FrozenBatchNorm`, a fixed
+      affine map from ``scale``, ``bias``, ``mean`` and ``var`` stored in
+      ``batch_stats`` (detectron2's ``FrozenBatchNorm2d``), what detection
+      fine-tuning of a pretrained backbone uses.
   ``"batch"``: ``flax.linen.BatchNorm`` (``scale``/``bias`` in ``params``,
       ``mean``/``var`` in ``batch_stats``, updated when ``train=True``).
-  ``"group"``: ``flax.linen.GroupNorm`` with 32 groups (fewer for narrow
-      layers, see :func:`resnet_group_norm_groups`).
+  ``"group"``: :class:`~jfcnn.models.layers.GroupNorm` with
+      :func:`~jfcnn.models.layers.group_norm_groups` groups (32 for every
+      layer of a standard-width network).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jfcnn.models.layers import norm_layer
 
 Dtype = Any
 
@@ -45,102 +46,8 @@ FEATURE_NAMES = ("stem", *STAGE_NAMES)
 # Output stride of each feature map relative to the input.
 FEATURE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
-# Same epsilon as torchvision's BatchNorm2d and detectron2's FrozenBatchNorm2d.
-_NORM_EPSILON = 1e-5
 # torchvision's ResNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def resnet_group_norm_groups(channels: int, max_groups: int = 32) -> int:
-    """Number of GroupNorm groups for a ResNet layer of ``channels`` channels.
-
-    ``max_groups`` (32, detectron2's ResNet default) when it divides
-    ``channels``; otherwise, for the narrow layers of a shrunken network, the
-    largest divisor of ``channels`` that is at most ``max_groups`` and leaves
-    at least 2 channels per group (1 if none).
-
-    >>> [resnet_group_norm_groups(c) for c in (8, 16, 24, 64, 2048)]
-    [4, 8, 12, 32, 32]
-    """
-    if channels % max_groups == 0:
-        return max_groups
-    for groups in range(min(max_groups, channels // 2), 1, -1):
-        if channels % groups == 0:
-            return groups
-    return 1
-
-
-class FrozenBatchNorm(nn.Module):
-    """Batch normalization with fixed statistics and affine parameters.
-
-    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` per channel, the
-    four vectors read from the ``batch_stats`` collection and never updated
-    (detectron2's ``FrozenBatchNorm2d``). The folded per-channel scale and
-    shift are computed in float32 and applied in ``dtype``.
-
-    Shapes: input ``(..., C)``, output the same; ``batch_stats`` ``scale``,
-    ``bias``, ``mean``, ``var`` each ``(C,)``.
-
-    Attributes:
-      epsilon: added to ``var`` before the square root.
-      dtype: computation dtype; ``None`` keeps the input's dtype.
-
-    >>> layer = FrozenBatchNorm()
-    >>> x = jnp.ones((1, 2, 2, 3))
-    >>> variables = layer.init(jax.random.key(0), x)
-    >>> sorted(variables["batch_stats"])
-    ['bias', 'mean', 'scale', 'var']
-    """
-
-    epsilon: float = _NORM_EPSILON
-    dtype: Dtype | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-
-        def stat(name: str, value: float) -> jax.Array:
-            return self.variable(
-                "batch_stats", name, lambda: jnp.full((channels,), value, jnp.float32)
-            ).value
-
-        scale, bias = stat("scale", 1.0), stat("bias", 0.0)
-        mean, var = stat("mean", 0.0), stat("var", 1.0)
-        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
-        shift = bias - mean * multiplier
-        dtype = self.dtype or x.dtype
-        return x.astype(dtype) * multiplier.astype(dtype) + shift.astype(dtype)
-
-
-def _norm_layer(
-    norm: str,
-    *,
-    train: bool,
-    dtype: Dtype,
-    bn_axis_name: str | None,
-    name: str,
-    channels: int,
-) -> nn.Module:
-    if norm == "frozen_batch":
-        return FrozenBatchNorm(dtype=dtype, name=name)
-    if norm == "batch":
-        # momentum 0.9 == torchvision's momentum 0.1 (weight of the new batch).
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=_NORM_EPSILON,
-            axis_name=bn_axis_name,
-            dtype=dtype,
-            name=name,
-        )
-    if norm == "group":
-        return nn.GroupNorm(
-            num_groups=resnet_group_norm_groups(channels),
-            epsilon=_NORM_EPSILON,
-            dtype=dtype,
-            name=name,
-        )
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
 
 
 def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
@@ -159,14 +66,65 @@ def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str) -> 
     )
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What BasicBlock and Bottleneck share: conv/norm layers, shortcut, residual add.
+
+    A subclass lists its convolutions in :meth:`layers`; layer ``i`` (from 1)
+    is ``conv{i}`` followed by ``norm{i}``, with a ReLU after all but the
+    last. The shortcut is the identity when the stride is 1 and the channel
+    count is kept, else ``shortcut_conv`` (1x1, strided) and
+    ``shortcut_norm``; the block returns ``relu(layers(x) + shortcut(x))``.
+    """
+
+    features: int
+    strides: int = 1
+    norm: str = "frozen_batch"
+    dtype: Dtype = jnp.float32
+    bn_axis_name: str | None = None
+
+    def layers(self) -> tuple[tuple[int, int, int], ...]:
+        """``(output channels, kernel size, stride)`` of each convolution."""
+        raise NotImplementedError
+
+    def _norm(self, name: str, channels: int, train: bool) -> Callable[[jax.Array], jax.Array]:
+        return norm_layer(
+            self.norm,
+            channels=channels,
+            train=train,
+            name=name,
+            dtype=self.dtype,
+            bn_axis_name=self.bn_axis_name,
+        )
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array, *, train: bool) -> jax.Array:
+        layers = self.layers()
+        y_bhwc = x_bhwc
+        for i, (features, kernel, strides) in enumerate(layers, start=1):
+            y_bhwc = _conv(features, kernel, strides, self.dtype, f"conv{i}")(y_bhwc)
+            y_bhwc = self._norm(f"norm{i}", features, train)(y_bhwc)
+            if i < len(layers):
+                y_bhwc = nn.relu(y_bhwc)
+        out_features = layers[-1][0]
+        if self.strides == 1 and x_bhwc.shape[-1] == out_features:
+            shortcut_bhwc = x_bhwc.astype(self.dtype)
+        else:
+            shortcut_bhwc = _conv(out_features, 1, self.strides, self.dtype, "shortcut_conv")(
+                x_bhwc
+            )
+            shortcut_bhwc = self._norm("shortcut_norm", out_features, train)(shortcut_bhwc)
+        return nn.relu(y_bhwc + shortcut_bhwc)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions with a residual connection (ResNet-18/34).
 
-    Output channels: ``features``. The first convolution carries the stride;
-    the shortcut is a 1x1 convolution plus normalization when the stride is not
-    1 or the channel count changes, the identity otherwise. Params:
-    ``conv1``, ``norm1``, ``conv2``, ``norm2`` [, ``shortcut_conv``,
-    ``shortcut_norm``].
+    Shapes: input ``(B, H, W, C)``, output
+    ``(B, ceil(H / strides), ceil(W / strides), features)``. The first
+    convolution carries the stride; the shortcut is a 1x1 convolution plus
+    normalization when the stride is not 1 or the channel count changes, the
+    identity otherwise. Params: ``conv1``, ``norm1``, ``conv2``, ``norm2``
+    [, ``shortcut_conv``, ``shortcut_norm``].
 
     Attributes:
       features: output channels.
@@ -178,29 +136,19 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    features: int
-    strides: int = 1
-    norm: str = "frozen_batch"
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x_nhwc: jax.Array, *, train: bool) -> jax.Array:
-        y = _conv(self.features, 3, self.strides, self.dtype, "conv1")(x_nhwc)
-        y = nn.relu(_block_norm(self, "norm1", self.features, train)(y))
-        y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
-        y = _block_norm(self, "norm2", self.features, train)(y)
-        return nn.relu(y + _shortcut(self, x_nhwc, self.features, train))
+    def layers(self) -> tuple[tuple[int, int, int], ...]:
+        return ((self.features, 3, self.strides), (self.features, 3, 1))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1, 3x3, 1x1 convolutions with a residual connection (ResNet-50/101).
 
-    Output channels: ``4 * features``. The stride sits on the 3x3 convolution
-    (torchvision's "ResNet v1.5"); the shortcut is a strided 1x1 convolution
-    plus normalization when the stride is not 1 or the channel count changes.
-    Params: ``conv1``, ``norm1``, ``conv2``, ``norm2``, ``conv3``, ``norm3``
-    [, ``shortcut_conv``, ``shortcut_norm``].
+    Shapes: input ``(B, H, W, C)``, output
+    ``(B, ceil(H / strides), ceil(W / strides), 4 * features)``. The stride
+    sits on the 3x3 convolution (torchvision's "ResNet v1.5"); the shortcut is
+    a strided 1x1 convolution plus normalization when the stride is not 1 or
+    the channel count changes. Params: ``conv1``, ``norm1``, ``conv2``,
+    ``norm2``, ``conv3``, ``norm3`` [, ``shortcut_conv``, ``shortcut_norm``].
 
     Attributes:
       features: channels of the 1x1 and 3x3 convolutions inside the block.
@@ -212,43 +160,12 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    features: int
-    strides: int = 1
-    norm: str = "frozen_batch"
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x_nhwc: jax.Array, *, train: bool) -> jax.Array:
-        out_features = self.features * self.expansion
-        y = _conv(self.features, 1, 1, self.dtype, "conv1")(x_nhwc)
-        y = nn.relu(_block_norm(self, "norm1", self.features, train)(y))
-        y = _conv(self.features, 3, self.strides, self.dtype, "conv2")(y)
-        y = nn.relu(_block_norm(self, "norm2", self.features, train)(y))
-        y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
-        y = _block_norm(self, "norm3", out_features, train)(y)
-        return nn.relu(y + _shortcut(self, x_nhwc, out_features, train))
-
-
-def _block_norm(block: BasicBlock | Bottleneck, name: str, channels: int, train: bool) -> nn.Module:
-    return _norm_layer(
-        block.norm,
-        train=train,
-        dtype=block.dtype,
-        bn_axis_name=block.bn_axis_name,
-        name=name,
-        channels=channels,
-    )
-
-
-def _shortcut(
-    block: BasicBlock | Bottleneck, x_nhwc: jax.Array, out_features: int, train: bool
-) -> jax.Array:
-    if block.strides == 1 and x_nhwc.shape[-1] == out_features:
-        return x_nhwc.astype(block.dtype)
-    # Called inside the block's compact __call__, so these submodules belong to it.
-    x_nhwc = _conv(out_features, 1, block.strides, block.dtype, "shortcut_conv")(x_nhwc)
-    return _block_norm(block, "shortcut_norm", out_features, train)(x_nhwc)
+    def layers(self) -> tuple[tuple[int, int, int], ...]:
+        return (
+            (self.features, 1, 1),
+            (self.features, 3, self.strides),
+            (self.features * self.expansion, 1, 1),
+        )
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -266,8 +183,8 @@ class ResNetStage(nn.Module):
     >>> jax.eval_shape(lambda v, x: stage.apply(v, x, train=False), variables, rois).shape
     (8, 7, 7, 2048)
 
-    Shapes: input ``(N, H, W, C)``, output
-    ``(N, ceil(H / strides), ceil(W / strides), features * block_cls.expansion)``.
+    Shapes: input ``(B, H, W, C)``, output
+    ``(B, ceil(H / strides), ceil(W / strides), features * block_cls.expansion)``.
     Params: ``block0`` .. ``block{num_blocks - 1}``.
 
     Attributes:
@@ -290,19 +207,19 @@ class ResNetStage(nn.Module):
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x_nhwc: jax.Array, *, train: bool) -> jax.Array:
-        if x_nhwc.ndim != 4:
-            raise ValueError(f"inputs must have shape (N, H, W, C), got shape {x_nhwc.shape}.")
+    def __call__(self, x_bhwc: jax.Array, *, train: bool) -> jax.Array:
+        if x_bhwc.ndim != 4:
+            raise ValueError(f"inputs must have shape (B, H, W, C), got shape {x_bhwc.shape}.")
         for i in range(self.num_blocks):
-            x_nhwc = self.block_cls(
+            x_bhwc = self.block_cls(
                 features=self.features,
                 strides=self.strides if i == 0 else 1,
                 norm=self.norm,
                 dtype=self.dtype,
                 bn_axis_name=self.bn_axis_name,
                 name=f"block{i}",
-            )(x_nhwc, train=train)
-        return x_nhwc
+            )(x_bhwc, train=train)
+        return x_bhwc
 
 
 # depth -> (block type, blocks per stage res2..res5), as in torchvision.
@@ -317,7 +234,7 @@ RESNET_SPECS: dict[int, tuple[str, tuple[int, ...]]] = {
 class ResNet(nn.Module):
     """ResNet backbone returning multi-scale feature maps.
 
-    Shapes: input ``(N, H, W, C)``; output a dict with (a subset, see
+    Shapes: input ``(B, H, W, C)``; output a dict with (a subset, see
     ``return_stages``, of) ``"stem"`` (after the max pool) and ``"res2"`` ..
     ``"res5"``, of strides 4, 4, 8, 16, 32 (``FEATURE_STRIDES``). Each
     convolution and pool maps a size ``S`` to ``floor((S + 2P - K) / s) + 1``
@@ -358,9 +275,9 @@ class ResNet(nn.Module):
     return_stages: Sequence[str] = FEATURE_NAMES
 
     @nn.compact
-    def __call__(self, x_nhwc: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-        if x_nhwc.ndim != 4:
-            raise ValueError(f"inputs must have shape (N, H, W, C), got shape {x_nhwc.shape}.")
+    def __call__(self, x_bhwc: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        if x_bhwc.ndim != 4:
+            raise ValueError(f"inputs must have shape (B, H, W, C), got shape {x_bhwc.shape}.")
         if self.depth not in RESNET_SPECS:
             raise ValueError(f"depth must be one of {sorted(RESNET_SPECS)}, got {self.depth}.")
         if self.norm not in NORMS:
@@ -377,22 +294,22 @@ class ResNet(nn.Module):
             raise ValueError(f"stage_sizes must be 4 positive ints, got {stage_sizes}.")
         last = max(FEATURE_NAMES.index(s) for s in self.return_stages)
 
-        x = _conv(self.width, 7, 2, self.dtype, "stem_conv")(x_nhwc)
-        x = _norm_layer(
+        x_bhwc = _conv(self.width, 7, 2, self.dtype, "stem_conv")(x_bhwc)
+        x_bhwc = norm_layer(
             self.norm,
+            channels=self.width,
             train=train,
+            name="stem_norm",
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
-            name="stem_norm",
-            channels=self.width,
-        )(x)
-        x = nn.relu(x)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        features = {"stem": x}
+        )(x_bhwc)
+        x_bhwc = nn.relu(x_bhwc)
+        x_bhwc = nn.max_pool(x_bhwc, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        features = {"stem": x_bhwc}
         for i, (name, num_blocks) in enumerate(zip(STAGE_NAMES, stage_sizes, strict=True)):
             if i + 1 > last:
                 break
-            x = ResNetStage(
+            x_bhwc = ResNetStage(
                 num_blocks=num_blocks,
                 features=self.width * 2**i,
                 strides=1 if i == 0 else 2,
@@ -401,8 +318,8 @@ class ResNet(nn.Module):
                 dtype=self.dtype,
                 bn_axis_name=self.bn_axis_name,
                 name=name,
-            )(x, train=train)
-            features[name] = x
+            )(x_bhwc, train=train)
+            features[name] = x_bhwc
         return {name: features[name] for name in self.return_stages}
 
 
@@ -414,22 +331,26 @@ def variables_from_torchvision(
     Works for any depth; the classifier (``fc.*``) is dropped. Values may be
     torch CPU tensors or arrays (anything ``np.asarray`` accepts), so this
     function itself does not need torch. Convolution kernels are permuted from
-    ``(O, I, KH, KW)`` to ``(KH, KW, I, O)``; batch-norm ``weight``, ``bias``,
-    ``running_mean``, ``running_var`` become ``scale``, ``bias``, ``mean``,
-    ``var``. ``layer1 .. layer4`` become ``res2 .. res5``, so for a C4 head
+    ``(O, I, KH, KW)`` to ``(KH, KW, I, O)``; norm ``weight``, ``bias``
+    (and batch norm's ``running_mean``, ``running_var``) become ``scale``,
+    ``bias`` (``mean``, ``var``). ``layer1 .. layer4`` become ``res2 .. res5``, so for a C4 head
     ``variables["params"]["res5"]`` (and ``["batch_stats"]["res5"]``) are the
     variables of a :class:`ResNetStage`.
 
     Args:
       state_dict: torchvision ``resnet{18,34,50,101}().state_dict()``.
-      norm: ``"frozen_batch"`` (all four norm vectors in ``batch_stats``) or
-        ``"batch"`` (``scale``/``bias`` in ``params``).
+      norm: ``"frozen_batch"`` (all four norm vectors in ``batch_stats``),
+        ``"batch"`` (``scale``/``bias`` in ``params``) or ``"group"`` (for a
+        torchvision ResNet built with ``norm_layer`` a ``torch.nn.GroupNorm``
+        of :func:`jfcnn.models.layers.group_norm_groups` groups: ``scale``/
+        ``bias`` in ``params``, no ``batch_stats``).
 
     Returns:
-      ``{"params": ..., "batch_stats": ...}`` for ``ResNet(norm=norm)``.
+      ``{"params": ..., "batch_stats": ...}`` (``{"params": ...}`` for
+      ``"group"``) for ``ResNet(norm=norm)``.
     """
-    if norm not in ("frozen_batch", "batch"):
-        raise ValueError(f"norm must be 'frozen_batch' or 'batch', got {norm!r}.")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
     variables: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
 
     def put(collection: str, path: list[str], leaf: str, value: np.ndarray) -> None:
@@ -467,4 +388,6 @@ def variables_from_torchvision(
             if norm == "frozen_batch":
                 collection = "batch_stats"
             put(collection, path, name, array)
+    if norm == "group":
+        del variables["batch_stats"]
     return variables

@@ -16,28 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfcnn.models.layers import ConvTranspose, GroupNorm
+from jfcnn.models.layers import ConvTranspose, norm_layer
+
+# Re-exported: benchmarks/unet_step.py builds its PyTorch twin with this rule.
 
 Dtype = Any
 
 NORMS = ("group", "batch", "none")
-
-
-def group_norm_groups(channels: int) -> int:
-    """Number of GroupNorm groups used for ``channels`` channels.
-
-    The largest divisor of ``channels`` that is at most 32 (the GroupNorm
-    paper's default) and keeps at least 4 channels per group, so narrow
-    layers (e.g. 16 channels -> 4 groups) do not degenerate into per-channel
-    (instance) normalization; 1 when no such divisor exists.
-
-    >>> [group_norm_groups(c) for c in (3, 16, 24, 64, 256)]
-    [1, 4, 6, 16, 32]
-    """
-    for groups in range(min(32, channels // 4), 1, -1):
-        if channels % groups == 0:
-            return groups
-    return 1
 
 
 def _resize_to(x_bhwc: jax.Array, height: int, width: int) -> jax.Array:
@@ -65,10 +50,11 @@ def _resize_to(x_bhwc: jax.Array, height: int, width: int) -> jax.Array:
 class DoubleConv(nn.Module):
     """Two (3x3 conv, normalization, ReLU) layers; the spatial size is kept.
 
+    Shapes: input ``(B, H, W, C)``, output ``(B, H, W, features)``.
     Convolutions have no bias when a normalization follows (its shift makes
-    a bias redundant). Params: ``conv1``, ``norm1``, ``conv2``, ``norm2``.
-    Group norm is :class:`jfcnn.models.layers.GroupNorm` (the same function
-    and params as ``flax.linen.GroupNorm``, faster on CPU).
+    a bias redundant). Params: ``conv1``, ``norm1``, ``conv2``, ``norm2``
+    (no ``norm{i}`` for ``norm="none"``); the norms come from
+    :func:`jfcnn.models.layers.norm_layer`.
     """
 
     features: int
@@ -90,24 +76,15 @@ class DoubleConv(nn.Module):
                 kernel_init=nn.initializers.he_normal(),
                 name=f"conv{i}",
             )(x_bhwc)
-            if self.norm == "group":
-                x_bhwc = GroupNorm(
-                    num_groups=group_norm_groups(self.features),
-                    epsilon=1e-5,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"norm{i}",
-                )(x_bhwc)
-            elif self.norm == "batch":
-                x_bhwc = nn.BatchNorm(
-                    use_running_average=not train,
-                    momentum=0.9,
-                    epsilon=1e-5,
-                    axis_name=self.bn_axis_name,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"norm{i}",
-                )(x_bhwc)
+            x_bhwc = norm_layer(
+                self.norm,
+                channels=self.features,
+                train=train,
+                name=f"norm{i}",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                bn_axis_name=self.bn_axis_name,
+            )(x_bhwc)
             x_bhwc = nn.relu(x_bhwc)
         return x_bhwc
 
@@ -140,7 +117,8 @@ class UNet(nn.Module):
       up_kernel_size: kernel size of the up-sampling transposed convolution.
       up_stride: its stride.
       up_padding: its padding, PyTorch's meaning (crop from each border).
-      norm: ``"group"`` (GroupNorm, see :func:`group_norm_groups`),
+      norm: ``"group"`` (GroupNorm, see
+        :func:`jfcnn.models.layers.group_norm_groups`),
         ``"batch"`` (BatchNorm; needs ``mutable=["batch_stats"]`` when
         ``train``) or ``"none"``.
       bn_axis_name: for ``norm="batch"``, the ``pmap``/``shard_map`` axis name

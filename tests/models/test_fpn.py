@@ -38,18 +38,63 @@ def set_params(fpn, feats, values):
     return {"params": params}
 
 
+def random_variables(fpn, feats, seed):
+    """Random params (biases too) of the module's structure, drawn with NumPy."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32),
+        abstract_variables(fpn, feats),
+    )
+
+
+def np_fpn(params, feats, in_features):
+    """The FPN recomputed in float64 from its description (see FPN's docstring)."""
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    outputs, inner = {}, None
+    for name in reversed(in_features):
+        level = int(name[-1])
+        x = np.asarray(feats[name], np.float64)
+        lateral = params[f"lateral_p{level}"]
+        inner_new = x @ lateral["kernel"][0, 0] + lateral["bias"]
+        if inner is not None:
+            # Nearest neighbour: output row i reads input row floor(i * in / out).
+            (h, w), (hi, wi) = inner_new.shape[1:3], inner.shape[1:3]
+            rows, cols = (np.arange(h) * hi) // h, (np.arange(w) * wi) // w
+            inner_new = inner_new + inner[:, rows][:, :, cols]
+        inner = inner_new
+        out = params[f"output_p{level}"]
+        n, h, w, _ = inner.shape
+        padded = np.pad(inner, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        y = np.zeros((n, h, w, out["kernel"].shape[-1])) + out["bias"]
+        for a in range(3):
+            for b in range(3):
+                y += padded[:, a : a + h, b : b + w] @ out["kernel"][a, b]
+        outputs[f"p{level}"] = y
+    top = int(in_features[-1][-1])
+    outputs[f"p{top + 1}"] = outputs[f"p{top}"][:, ::2, ::2]
+    return outputs
+
+
 # ---------------------------------------------------------------------------
-# Shapes
+# Shapes and values against the float64 recomputation
 
 
-def test_shapes_on_resnet50_channels():
+def test_resnet50_channels_shapes_and_values():
     fpn = FPN(out_channels=256)
     feats = {
-        name: jax.ShapeDtypeStruct((2, 128 >> level, 96 >> level, c), jnp.float32)
+        name: np.random.default_rng(level)
+        .normal(size=(2, 128 >> level, 96 >> level, c))
+        .astype(np.float32)
         for name, level, c in zip(LEVELS, (2, 3, 4, 5), (256, 512, 1024, 2048), strict=True)
     }
-    variables = abstract_variables(fpn, feats)
-    out = jax.eval_shape(fpn.apply, variables, feats)
+    variables = random_variables(fpn, feats, seed=0)
+    assert sorted(variables["params"]) == sorted(
+        [f"lateral_p{level}" for level in (2, 3, 4, 5)]
+        + [f"output_p{level}" for level in (2, 3, 4, 5)]
+    )
+    assert variables["params"]["lateral_p5"]["kernel"].shape == (1, 1, 2048, 256)
+    assert variables["params"]["output_p5"]["kernel"].shape == (3, 3, 256, 256)
+    out = apply(fpn, variables, feats)
     assert {k: v.shape for k, v in out.items()} == {
         "p2": (2, 32, 24, 256),
         "p3": (2, 16, 12, 256),
@@ -57,24 +102,23 @@ def test_shapes_on_resnet50_channels():
         "p5": (2, 4, 3, 256),
         "p6": (2, 2, 2, 256),
     }
-    assert sorted(variables["params"]) == sorted(
-        [f"lateral_p{level}" for level in (2, 3, 4, 5)]
-        + [f"output_p{level}" for level in (2, 3, 4, 5)]
-    )
-    assert variables["params"]["lateral_p5"]["kernel"].shape == (1, 1, 2048, 256)
-    assert variables["params"]["output_p5"]["kernel"].shape == (3, 3, 256, 256)
+    expected = np_fpn(variables["params"], feats, LEVELS)
+    for name, ref in expected.items():
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(out[name], ref, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
 
 
-def test_odd_sizes_keep_each_lateral_shape():
+def test_odd_sizes_keep_each_lateral_shape_and_values():
     # A 100x100 image through a ResNet gives 25, 13, 7, 4: not exact halvings.
     sizes = [(25, 21), (13, 11), (7, 6), (4, 3)]
-    feats = {
-        name: jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-        for name, (h, w) in zip(LEVELS, sizes, strict=True)
-    }
+    feats = random_features(sizes, (3, 4, 5, 6), seed=1, batch=1)
     fpn = FPN(out_channels=4)
-    out = jax.eval_shape(fpn.apply, abstract_variables(fpn, feats), feats)
+    variables = random_variables(fpn, feats, seed=2)
+    out = apply(fpn, variables, feats)
     assert [out[f"p{level}"].shape[1:3] for level in (2, 3, 4, 5, 6)] == [*sizes, (2, 2)]
+    expected = np_fpn(variables["params"], feats, LEVELS)
+    for name, ref in expected.items():
+        np.testing.assert_allclose(out[name], ref, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------------------

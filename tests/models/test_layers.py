@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfcnn.models.layers import ConvTranspose, GroupNorm
+from jfcnn.models.layers import (
+    ConvTranspose,
+    FrozenBatchNorm,
+    GroupNorm,
+    group_norm_groups,
+    norm_layer,
+)
 from jfcnn.ops import conv_transpose
 
 
@@ -140,3 +146,152 @@ def test_group_norm_dtype_and_errors():
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match=r"num_groups=3 does not divide the 4 channels"):
         GroupNorm(num_groups=3).init(jax.random.key(0), x)
+
+
+def test_group_norm_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((2, 5, 6, 12)) * 3.0 + 1.5).astype(np.float32)
+    params = {
+        "scale": rng.standard_normal(12).astype(np.float32),
+        "bias": rng.standard_normal(12).astype(np.float32),
+    }
+    theirs = torch.nn.GroupNorm(3, 12, eps=1e-5)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.from_numpy(params["scale"]))
+        theirs.bias.copy_(torch.from_numpy(params["bias"]))
+        expected = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    out = GroupNorm(num_groups=3, epsilon=1e-5).apply({"params": params}, x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_groups():
+    channels = (1, 2, 3, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 2048, 37, 74)
+    # Largest divisor <= 32 with >= 2 channels per group, by hand.
+    expected = (1, 1, 1, 2, 4, 6, 8, 12, 16, 24, 32, 32, 32, 32, 32, 1, 2)
+    assert [group_norm_groups(c) for c in channels] == list(expected)
+    for c in range(1, 300):
+        groups = group_norm_groups(c)
+        assert c % groups == 0 and groups <= 32
+        assert groups == 1 or c // groups >= 2
+
+
+def test_frozen_batch_norm_hand_computed():
+    x = jnp.asarray([[[[1.0, 2.0], [3.0, -4.0]]]])  # (1, 1, 2, 2)
+    stats = {
+        "scale": jnp.asarray([2.0, 0.5]),
+        "bias": jnp.asarray([1.0, -1.0]),
+        "mean": jnp.asarray([1.0, 0.0]),
+        "var": jnp.asarray([4.0 - 1e-5, 0.25 - 1e-5]),
+    }
+    out = FrozenBatchNorm().apply({"batch_stats": stats}, x)
+    # (x - mean) / sqrt(var + eps) * scale + bias:
+    # channel 0 is (x - 1) / 2 * 2 + 1, channel 1 is x / 0.5 * 0.5 - 1.
+    np.testing.assert_allclose(out, [[[[1.0, 1.0], [3.0, -5.0]]]], rtol=1e-6, atol=1e-6)
+    out16 = FrozenBatchNorm(dtype=jnp.bfloat16).apply({"batch_stats": stats}, x)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out16, np.float32), [[[[1.0, 1.0], [3.0, -5.0]]]])
+
+
+def test_frozen_batch_norm_matches_torchvision():
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    stats = {
+        "scale": rng.uniform(0.5, 1.5, 5).astype(np.float32),
+        "bias": rng.standard_normal(5).astype(np.float32),
+        "mean": rng.standard_normal(5).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, 5).astype(np.float32),
+    }
+    theirs = ops.FrozenBatchNorm2d(5, eps=1e-5)
+    for ours_name, torch_name in (
+        ("scale", "weight"),
+        ("bias", "bias"),
+        ("mean", "running_mean"),
+        ("var", "running_var"),
+    ):
+        getattr(theirs, torch_name).copy_(torch.from_numpy(stats[ours_name]))
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    out = FrozenBatchNorm().apply({"batch_stats": stats}, x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+class _Norm(nn.Module):
+    """One ``norm_layer`` as a module, to init and apply it."""
+
+    kind: str
+    channels: int
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return norm_layer(self.kind, channels=self.channels, train=self.train, name="norm")(x)
+
+
+def test_norm_layer_kinds_and_variables():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 3, 16)), jnp.float32)
+    shapes = {
+        kind: jax.tree.map(jnp.shape, jax.eval_shape(_Norm(kind, 16).init, jax.random.key(0), x))
+        for kind in ("batch", "group", "frozen_batch")
+    }
+    assert shapes["batch"] == {
+        "params": {"norm": {"scale": (16,), "bias": (16,)}},
+        "batch_stats": {"norm": {"mean": (16,), "var": (16,)}},
+    }
+    assert shapes["group"] == {"params": {"norm": {"scale": (16,), "bias": (16,)}}}
+    assert shapes["frozen_batch"] == {
+        "batch_stats": {"norm": {"scale": (16,), "bias": (16,), "mean": (16,), "var": (16,)}}
+    }
+    # "none" is the identity and has no variables.
+    variables = _Norm("none", 16).init(jax.random.key(0), x)
+    assert not jax.tree.leaves(variables)
+    np.testing.assert_array_equal(_Norm("none", 16).apply(variables, x), x)
+    with pytest.raises(ValueError, match=r"norm must be one of .* got 'layer'"):
+        _Norm("layer", 16).init(jax.random.key(0), x)
+
+
+def test_norm_layer_group_uses_the_group_rule_and_epsilon():
+    # 16 channels -> 8 groups of 2 channels, epsilon 1e-5.
+    x = np.random.default_rng(5).standard_normal((2, 4, 3, 16)).astype(np.float32) + 2.0
+    params = {"scale": np.linspace(0.5, 1.5, 16, dtype=np.float32), "bias": np.ones(16, np.float32)}
+    out = _Norm("group", 16).apply({"params": {"norm": params}}, x)
+    expected = group_norm_numpy(x, params["scale"], params["bias"], 8, 1e-5)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_layer_batch_matches_torch_train_and_eval():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((4, 3, 5, 6)) * 2.0 + 1.0).astype(np.float32)
+    params = {"scale": rng.uniform(0.5, 1.5, 6), "bias": rng.standard_normal(6)}
+    stats = {"mean": rng.standard_normal(6), "var": rng.uniform(0.5, 2.0, 6)}
+    params, stats = jax.tree.map(lambda a: a.astype(np.float32), (params, stats))
+    theirs = torch.nn.BatchNorm2d(6, eps=1e-5, momentum=0.1)
+    with torch.no_grad():
+        for src, dst in ((params["scale"], theirs.weight), (params["bias"], theirs.bias)):
+            dst.copy_(torch.from_numpy(src))
+        theirs.running_mean.copy_(torch.from_numpy(stats["mean"]))
+        theirs.running_var.copy_(torch.from_numpy(stats["var"]))
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    variables = {"params": {"norm": params}, "batch_stats": {"norm": stats}}
+
+    with torch.no_grad():
+        expected_eval = theirs.eval()(x_torch).numpy().transpose(0, 2, 3, 1)
+        expected_train = theirs.train()(x_torch).numpy().transpose(0, 2, 3, 1)
+    out_eval = _Norm("batch", 6).apply(variables, x)
+    np.testing.assert_allclose(out_eval, expected_eval, rtol=1e-5, atol=1e-5)
+    out_train, updates = _Norm("batch", 6, train=True).apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(out_train, expected_train, rtol=1e-5, atol=1e-5)
+    new = updates["batch_stats"]["norm"]
+    np.testing.assert_allclose(new["mean"], theirs.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    # flax keeps the biased batch variance in its running average, PyTorch the unbiased one.
+    count = x.shape[0] * x.shape[1] * x.shape[2]
+    biased = x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(new["var"], 0.9 * stats["var"] + 0.1 * biased, rtol=1e-5)
+    np.testing.assert_allclose(
+        theirs.running_var.numpy(),
+        0.9 * stats["var"] + 0.1 * biased * count / (count - 1),
+        rtol=1e-5,
+    )

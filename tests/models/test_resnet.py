@@ -1,17 +1,18 @@
 """Tests for jfcnn.models.resnet."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jfcnn.models.layers import GroupNorm, group_norm_groups
 from jfcnn.models.resnet import (
     FEATURE_STRIDES,
     BasicBlock,
     Bottleneck,
     ResNet,
     ResNetStage,
-    resnet_group_norm_groups,
     variables_from_torchvision,
 )
 
@@ -67,30 +68,37 @@ def random_variables(model, shape, seed):
 
 
 # ---------------------------------------------------------------------------
-# Shapes, strides, parameter counts
+# Shapes, strides, parameter counts (values against the references further down)
 
 
 @pytest.mark.parametrize(
     "depth,width,channels",
     [
         (18, 16, {"stem": 16, "res2": 16, "res3": 32, "res4": 64, "res5": 128}),
-        (50, 64, {"stem": 64, "res2": 256, "res3": 512, "res4": 1024, "res5": 2048}),
+        (50, 8, {"stem": 8, "res2": 32, "res3": 64, "res4": 128, "res5": 256}),
     ],
 )
-def test_output_shapes_and_strides(depth, width, channels):
-    model = ResNet(depth=depth, width=width)
-    outputs = abstract_outputs(model, (2, 64, 96, 3))
+def test_output_shapes_strides_and_values(depth, width, channels):
+    model = ResNet(depth=depth, width=width, stage_sizes=(1, 2, 1, 1))
+    x = normal((2, 64, 96, 3), seed=0)
+    variables = random_variables(model, x.shape, seed=1)
+    outputs = apply(model, variables, x)
     assert sorted(outputs) == ["res2", "res3", "res4", "res5", "stem"]
+    expected = resnet_ref(variables, x, (1, 2, 1, 1), bottleneck=depth == 50)
     for name, out in outputs.items():
         stride = FEATURE_STRIDES[name]
         assert out.shape == (2, 64 // stride, 96 // stride, channels[name]), name
         assert out.dtype == jnp.float32
+        np.testing.assert_allclose(out, expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_odd_input_sizes_follow_pytorch_arithmetic():
     # 50 -> conv 25 -> pool 13 -> 7 -> 4 -> 2 and 70 -> 35 -> 18 -> 9 -> 5 -> 3, by
     # floor((S + 2P - K) / s) + 1 for each layer.
-    outputs = abstract_outputs(ResNet(depth=18, width=8), (1, 50, 70, 3))
+    model = ResNet(depth=18, width=8, stage_sizes=(1, 1, 1, 1))
+    x = normal((1, 50, 70, 3), seed=2)
+    variables = random_variables(model, x.shape, seed=3)
+    outputs = apply(model, variables, x)
     sizes = {name: out.shape[1:3] for name, out in outputs.items()}
     assert sizes == {
         "stem": (13, 18),
@@ -99,15 +107,30 @@ def test_odd_input_sizes_follow_pytorch_arithmetic():
         "res4": (4, 5),
         "res5": (2, 3),
     }
+    expected = resnet_ref(variables, x, (1, 1, 1, 1), bottleneck=False)
+    for name, out in outputs.items():
+        np.testing.assert_allclose(out, expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_return_stages_builds_only_what_is_needed():
-    model = ResNet(depth=50, width=8, return_stages=("res4",))
+    model = ResNet(depth=50, width=8, stage_sizes=(1, 1, 1, 1), return_stages=("res4",))
     variables = abstract_variables(model, (1, 64, 64, 3))
     assert sorted(variables["params"]) == ["res2", "res3", "res4", "stem_conv"]
     assert sorted(variables["batch_stats"]) == ["res2", "res3", "res4", "stem_norm"]
-    outputs = abstract_outputs(model, (1, 64, 64, 3))
+    # The truncated network computes the full one's res4 from the same variables.
+    full = ResNet(depth=50, width=8, stage_sizes=(1, 1, 1, 1))
+    x = normal((1, 64, 64, 3), seed=0)
+    full_variables = random_variables(full, x.shape, seed=1)
+    truncated = {
+        collection: {k: v for k, v in tree.items() if k != "res5"}
+        for collection, tree in full_variables.items()
+    }
+    assert jax.tree.structure(truncated) == jax.tree.structure(variables)
+    outputs = apply(model, truncated, x)
     assert {k: v.shape for k, v in outputs.items()} == {"res4": (1, 4, 4, 128)}
+    np.testing.assert_allclose(
+        outputs["res4"], apply(full, full_variables, x)["res4"], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_stage_sizes_override():
@@ -155,19 +178,6 @@ def test_c4_res5_stage_on_roi_features():
     assert sorted(variables["params"]) == ["block0", "block1", "block2"]
     assert "shortcut_conv" in variables["params"]["block0"]
     assert "shortcut_conv" not in variables["params"]["block1"]
-
-
-def test_group_norm_groups():
-    assert [resnet_group_norm_groups(c) for c in (4, 8, 16, 48, 64, 256, 2048)] == [
-        2,
-        4,
-        8,
-        24,
-        32,
-        32,
-        32,
-    ]
-    assert resnet_group_norm_groups(3) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +262,24 @@ def max_pool_ref(y):
     return out
 
 
+STAGES = ("res2", "res3", "res4", "res5")
+
+
+def resnet_ref(variables, x, stage_sizes, bottleneck):
+    """Every feature map of a frozen-batch-norm ResNet, chained from the references above."""
+    params, stats = variables["params"], variables["batch_stats"]
+    y = conv_ref(x, params["stem_conv"]["kernel"], 2, 3)
+    y = max_pool_ref(np.maximum(frozen_bn_ref(y, stats["stem_norm"]), 0.0))
+    outputs = {"stem": y}
+    for i, (name, num_blocks) in enumerate(zip(STAGES, stage_sizes, strict=True)):
+        for b in range(num_blocks):
+            strides = 2 if i > 0 and b == 0 else 1
+            block = f"block{b}"
+            y = block_ref(y, params[name][block], stats[name][block], strides, bottleneck)
+        outputs[name] = y
+    return outputs
+
+
 def test_stem_matches_hand_computation():
     # Symmetric padding 3 (not "SAME", which pads (2, 3) here) and a -inf-padded pool.
     model = ResNet(depth=18, width=4, return_stages=("stem",))
@@ -298,19 +326,32 @@ def test_batch_norm_trains_and_updates_running_stats():
     np.testing.assert_allclose(out["stem"], max_pool_ref(np.maximum(y, 0.0)), rtol=1e-4, atol=1e-4)
 
 
-def test_group_norm_normalizes_groups():
-    model = ResNet(depth=18, width=8, norm="group", return_stages=("stem",))
+@pytest.mark.parametrize("width,groups", [(8, 4), (32, 16)])
+def test_group_norm_normalizes_groups(width, groups):
+    model = ResNet(depth=18, width=width, norm="group", return_stages=("stem",))
     x = normal((2, 16, 16, 3), seed=0)
     variables = random_variables(model, x.shape, seed=1)
     assert "batch_stats" not in variables
+    called = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            called.append(type(context.module))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert GroupNorm in called and nn.GroupNorm not in called
     out = apply(model, variables, x)["stem"]
-    # 8 channels -> 4 groups of 2; statistics over (H, W, channels of the group).
-    y = conv_ref(x, variables["params"]["stem_conv"]["kernel"], 2, 3).reshape(2, 8, 8, 4, 2)
+    # 2 channels per group (8 -> 4 groups, 32 -> 16 groups); statistics over
+    # (H, W, channels of the group).
+    y = conv_ref(x, variables["params"]["stem_conv"]["kernel"], 2, 3)
+    y = y.reshape(2, 8, 8, groups, width // groups)
     y = (y - y.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
         y.var(axis=(1, 2, 4), keepdims=True) + 1e-5
     )
     params = variables["params"]["stem_norm"]
-    y = y.reshape(2, 8, 8, 8) * params["scale"] + params["bias"]
+    y = y.reshape(2, 8, 8, width) * params["scale"] + params["bias"]
     np.testing.assert_allclose(out, max_pool_ref(np.maximum(y, 0.0)), rtol=1e-4, atol=1e-4)
 
 
@@ -426,3 +467,61 @@ def test_param_count_matches_torchvision(depth):
         assert expected == RESNET50_BACKBONE_PARAMS
     variables = abstract_variables(ResNet(depth=depth, norm="batch"), (1, 32, 32, 3))
     assert count(variables["params"]) == expected
+
+
+def test_stage_sizes_and_odd_input_match_torchvision():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet
+    net = randomize_torch_norms(resnet.ResNet(resnet.Bottleneck, [1, 2, 1, 1]), seed=3)
+    x = np.random.default_rng(2).normal(size=(1, 3, 50, 70)).astype(np.float32)
+    with torch.no_grad():
+        h = net.maxpool(net.relu(net.bn1(net.conv1(torch.from_numpy(x)))))
+        expected = {"stem": h}
+        for i, name in enumerate(("res2", "res3", "res4", "res5")):
+            h = getattr(net, f"layer{i + 1}")(h)
+            expected[name] = h
+
+    model = ResNet(depth=50, stage_sizes=(1, 2, 1, 1))
+    variables = variables_from_torchvision(net.state_dict())
+    outputs = apply(model, variables, x.transpose(0, 2, 3, 1))
+    for name, ref in expected.items():
+        ref = ref.numpy().transpose(0, 2, 3, 1)
+        assert outputs[name].shape == ref.shape, name
+        assert_close_scaled(outputs[name], ref, name=name)
+
+
+def test_group_norm_resnet18_matches_torchvision():
+    """norm="group" (jfcnn's GroupNorm, its group rule) equals torch.nn.GroupNorm layers."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+
+    def group_norm(channels):
+        return torch.nn.GroupNorm(group_norm_groups(channels), channels, eps=1e-5)
+
+    net = torchvision.models.resnet18(weights=None, norm_layer=group_norm).eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.GroupNorm):
+                assert layer.num_groups == 32  # 64 .. 512 channels
+                c = layer.num_channels
+                layer.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                layer.bias.copy_(0.5 * torch.randn(c, generator=generator))
+    x = np.random.default_rng(5).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        h = net.maxpool(net.relu(net.bn1(net.conv1(torch.from_numpy(x)))))
+        expected = {"stem": h}
+        for i, name in enumerate(("res2", "res3", "res4", "res5")):
+            h = getattr(net, f"layer{i + 1}")(h)
+            expected[name] = h
+
+    model = ResNet(depth=18, norm="group")
+    variables = variables_from_torchvision(net.state_dict(), norm="group")
+    abstract = abstract_variables(model, (2, 64, 64, 3))
+    assert jax.tree.structure(abstract) == jax.tree.structure(variables)
+    outputs = apply(model, variables, x.transpose(0, 2, 3, 1))
+    for name, ref in expected.items():
+        assert_close_scaled(outputs[name], ref.numpy().transpose(0, 2, 3, 1), name=name)

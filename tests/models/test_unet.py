@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from jfcnn.models import UNet
-from jfcnn.models.layers import ConvTranspose
-from jfcnn.models.unet import group_norm_groups
+from jfcnn.models.layers import ConvTranspose, GroupNorm, group_norm_groups
 
 # ---------------------------------------------------------------------------
 # NumPy reference, written from the architecture description (float64).
@@ -154,13 +153,23 @@ def test_values_match_numpy_recomputation(depth, hw, up, norm):
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("num_classes", [1, 5])
-def test_output_shape_per_class(num_classes):
-    model = UNet(num_classes=num_classes, depth=2, base_width=4)
-    images = jnp.ones((2, 16, 12, 3))
-    logits = apply_eval(model, random_params(model, images, seed=0), images)
-    assert logits.shape == (2, 16, 12, num_classes)
-    assert np.isfinite(np.asarray(logits)).all()
+def test_output_per_class_is_one_head_column():
+    # The classes share the trunk: a 1-class model whose head is column k of a
+    # 5-class model's head gives that model's logits of class k.
+    model5, model1 = (UNet(num_classes=k, depth=2, base_width=4) for k in (5, 1))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 12, 3)), jnp.float32)
+    params5 = random_params(model5, images, seed=0)
+    logits5 = apply_eval(model5, params5, images)
+    assert logits5.shape == (2, 16, 12, 5)
+    for k in (0, 3):
+        head = params5["head"]
+        params1 = {
+            **params5,
+            "head": {"kernel": head["kernel"][..., k : k + 1], "bias": head["bias"][k : k + 1]},
+        }
+        logits1 = apply_eval(model1, params1, images)
+        assert logits1.shape == (2, 16, 12, 1)
+        np.testing.assert_allclose(logits1[..., 0], logits5[..., k], rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_uses_pytorch_exact_transposed_conv():
@@ -299,19 +308,23 @@ def test_batch_norm_train_eval_and_axis_name():
     )
 
 
-def test_group_norm_groups():
-    assert [group_norm_groups(c) for c in (1, 3, 8, 16, 24, 32, 64, 128, 256, 512)] == [
-        1,
-        1,
-        2,
-        4,
-        6,
-        8,
-        16,
-        32,
-        32,
-        32,
-    ]
+def test_group_norm_layers_and_group_counts():
+    # jfcnn's GroupNorm in every block, 2 channels per group below 64 channels
+    # (jfcnn.models.layers.group_norm_groups), 32 groups from 64 up.
+    model = UNet(num_classes=2, depth=3, base_width=8)
+    images = jnp.ones((1, 16, 16, 3))
+    params = random_params(model, images, seed=0)
+    groups = {}
+
+    def record(next_fun, args, kwargs, context):
+        assert not isinstance(context.module, nn.GroupNorm)
+        if context.method_name == "__call__" and isinstance(context.module, GroupNorm):
+            groups[args[0].shape[-1]] = context.module.num_groups
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(partial(model.apply, train=False), {"params": params}, images)
+    assert groups == {8: 4, 16: 8, 32: 16, 64: 32}
 
 
 @pytest.mark.parametrize(
