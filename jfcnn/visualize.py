@@ -1,7 +1,9 @@
-"""Pictures for TensorBoard and evaluation: input | ground truth | prediction.
+"""Pictures for TensorBoard, evaluation and input checks; the one home of jfcnn's colors.
 
-Semantic masks (`segmentation_panel`) and instances (`instance_panel`: a
-color per instance, its mask, box, class and score).
+Semantic masks (`segmentation_panel`: input | ground truth | prediction),
+instances (`instance_panel`: a color per instance, its mask, box, class and
+score) and input batches (`save_preview`). Class colors come from `palette`,
+instance colors from `instance_color`.
 """
 
 from __future__ import annotations
@@ -259,3 +261,57 @@ def instance_panel(
     enlarged = np.repeat(np.repeat(image8, scale, axis=0), scale, axis=1)
     gap = np.full((scale * height, 4, 3), 255, np.uint8)
     return np.concatenate([enlarged, gap, truth, gap, prediction], axis=1)
+
+
+def save_preview(
+    batch: dict[str, np.ndarray],
+    path: str,
+    max_examples: int = 8,
+    *,
+    class_names: Sequence[str] = (),
+) -> str:
+    """Saves a PNG to eyeball an input batch: one row per example.
+
+    Letters: B examples, S image size, M instance slots.
+
+    Columns: the image; the semantic mask in `palette` colors (class ids taken
+    modulo the palette size, so a negative id is colored too); with instances,
+    the image with each valid instance drawn by `draw_instances` (tinted mask,
+    box outline and class label).
+
+    Args:
+      batch: a batch from ``jfcnn.data.create_train_iterator`` /
+        ``create_eval_iterator``: ``image`` (B, S, S, 3) in [0, 1], ``mask``
+        (B, S, S) int; optionally ``boxes`` (B, M, 4), ``labels`` (B, M),
+        ``instance_masks`` (B, M, S, S) and ``instance_valid`` (B, M).
+      path: output PNG path.
+      max_examples: number of rows.
+      class_names: name of each class id, for the instance labels (ids are
+        written as numbers without them).
+
+    Returns:
+      ``path``.
+    """
+    from PIL import Image
+
+    num_rows = min(max_examples, len(batch["image"]))
+    num_colors = max(len(class_names), int(np.max(batch["mask"][:num_rows], initial=0)) + 1)
+    colors = palette(num_colors)
+    rows = []
+    for i in range(num_rows):
+        image = to_uint8(batch["image"][i])
+        panels = [image, colors[np.mod(batch["mask"][i], len(colors))]]
+        if "instance_masks" in batch:
+            panels.append(
+                draw_instances(
+                    image,
+                    batch["boxes"][i],
+                    batch["labels"][i],
+                    batch["instance_masks"][i],
+                    batch["instance_valid"][i],
+                    class_names,
+                )
+            )
+        rows.append(np.concatenate(panels, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path

@@ -121,3 +121,64 @@ def test_shape_errors():
     image, boxes, classes, masks, valid = one_instance()
     with pytest.raises(ValueError, match=r"\(3, 48, 31\)"):
         visualize.draw_instances(image, boxes, classes, masks[..., :31], valid, CLASS_NAMES)
+
+
+def preview_batch():
+    """Two 48 px examples: a gray image, mask classes 0..2 (plus -1 in a corner), one instance."""
+    image, boxes, classes, masks, valid = one_instance()
+    mask = np.zeros((48, 48), np.int32)
+    mask[14:44, 4:30] = 2
+    mask[0:4, 40:48] = 1
+    mask[44:, 44:] = -1  # Zero padding of oxford_iiit_pet becomes -1.
+    stack = lambda x: np.stack([x, x])  # noqa: E731
+    return {
+        "image": stack(image / 255.0).astype(np.float32),
+        "mask": stack(mask),
+        "boxes": stack(boxes),
+        "labels": stack(classes),
+        "instance_masks": stack(masks),
+        "instance_valid": stack(valid),
+    }
+
+
+def test_save_preview_columns(tmp_path):
+    from PIL import Image
+
+    batch = preview_batch()
+    path = visualize.save_preview(
+        batch, str(tmp_path / "preview.png"), max_examples=5, class_names=CLASS_NAMES
+    )
+    with Image.open(path) as png:
+        picture = np.asarray(png.convert("RGB"))
+    # Two rows (max_examples caps at the batch), three columns.
+    assert picture.shape == (2 * 48, 3 * 48, 3)
+    row = picture[48:]
+    np.testing.assert_array_equal(row[:, :48], GRAY)
+    # Semantic column: the shared palette, ids modulo its size (here 3 colors).
+    colors = visualize.palette(3)
+    np.testing.assert_array_equal(row[20, 48 + 10], colors[2])
+    np.testing.assert_array_equal(row[1, 48 + 45], colors[1])
+    np.testing.assert_array_equal(row[10, 48 + 10], colors[0])
+    np.testing.assert_array_equal(row[46, 48 + 46], colors[-1 % 3])
+    # Instance column: exactly `draw_instances` of the example.
+    expected = visualize.draw_instances(
+        batch["image"][1],
+        batch["boxes"][1],
+        batch["labels"][1],
+        batch["instance_masks"][1],
+        batch["instance_valid"][1],
+        CLASS_NAMES,
+    )
+    np.testing.assert_array_equal(row[:, 96:], expected)
+    np.testing.assert_array_equal(row[30, 96 + 10], tinted(visualize.instance_color(1)))
+
+
+def test_save_preview_without_instances(tmp_path):
+    from PIL import Image
+
+    batch = {k: v for k, v in preview_batch().items() if k in ("image", "mask")}
+    path = visualize.save_preview(batch, str(tmp_path / "preview.png"), max_examples=1)
+    with Image.open(path) as png:
+        picture = np.asarray(png.convert("RGB"))
+    assert picture.shape == (48, 2 * 48, 3)
+    np.testing.assert_array_equal(picture[20, 48 + 10], visualize.palette(3)[2])

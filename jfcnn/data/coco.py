@@ -6,7 +6,8 @@ segment in ``panoptic_objects`` (``id``, ``label``: index of the 133 panoptic
 categories, ``is_crowd``, ...). Its categories come sorted by COCO id, so the
 first 80 are the thing classes (COCO ids 1..90) and the other 53 stuff.
 
-What the pipeline makes of it (`to_common`, then ``jfcnn.data.pipeline``):
+Importing this module registers its `SPEC` (``jfcnn.data.registry``). What the
+pipeline makes of it (`to_common`, then ``jfcnn.data.pipeline``):
 
 - Instances: the thing segments; instance mask = pixels of its segment id.
   Class id = panoptic label + 1 (1..80, names `THING_CLASS_NAMES`; 0 is
@@ -34,6 +35,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from jfcnn.data import registry
 
 THING_CLASS_NAMES = (
     "person",
@@ -189,8 +192,13 @@ def decode_panoptic(
     }
 
 
-def partial_decoding(decode: bool) -> tfds.decode.PartialDecoding:
-    """The features the pipeline reads; images stay encoded unless ``decode``."""
+def partial_decoding(decode: bool, instances: bool = True) -> tfds.decode.PartialDecoding:
+    """The features the pipeline reads; images stay encoded unless ``decode``.
+
+    The same with or without ``instances``: the semantic mask is the thing
+    class map, which needs the panoptic segments too.
+    """
+    del instances
     features = {
         "image": True,
         "panoptic_image": True,
@@ -221,13 +229,15 @@ def check_class_names(names: list[str]) -> None:
 
 
 def to_common(
-    builder: tfds.core.DatasetBuilder, *, decoded: bool
+    builder: tfds.core.DatasetBuilder, *, decoded: bool, instances: bool = True
 ) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """Returns the map from a ``coco/2017_panoptic`` example to the pipeline's common form.
 
-    The form (see ``jfcnn.data.pipeline._to_common``): ``image`` (H, W, 3)
-    uint8 and the outputs of `decode_panoptic`.
+    The form (see ``jfcnn.data.registry``): ``image`` (H, W, 3) uint8 and the
+    outputs of `decode_panoptic`, instance fields included even without
+    ``instances`` (the pipeline drops them; decoding them is the semantic map's cost).
     """
+    del instances
     features = builder.info.features
     check_class_names(features["panoptic_objects"]["label"].names)
 
@@ -247,3 +257,15 @@ def to_common(
         }
 
     return fn
+
+
+SPEC = registry.register(
+    registry.DatasetSpec(
+        name="coco/2017_panoptic",
+        class_names=CLASS_NAMES,
+        has_instances=True,
+        decoding=partial_decoding,
+        to_common=to_common,
+        keep_aspect=True,
+    )
+)

@@ -1,4 +1,9 @@
-"""tf.data input pipelines from TFDS for semantic and instance segmentation.
+"""The generic tf.data input pipeline: TFDS examples to batches for the devices.
+
+Each data set is a module of ``jfcnn.data`` that registers a
+`jfcnn.data.registry.DatasetSpec` (what to read, and how to map an example to
+the common form); this module only shards, shuffles, decodes, augments,
+batches and pads, the same way for every data set.
 
 Letters in shapes: B examples per process (``config.batch_size //
 jax.process_count()``), S ``config.data.image_size``, M
@@ -8,20 +13,23 @@ Batches are dicts of numpy arrays:
 
 - ``image``: (B, S, S, 3) float32 in [0, 1].
 - ``mask``: (B, S, S) int32 semantic class ids (see `DatasetMetadata.class_names`).
-- Instance ground truth (data sets with instances: ``jfcnn_shapes``,
-  ``coco/2017_panoptic``; absent for ``oxford_iiit_pet``), padded to M per example:
-  ``boxes`` (B, M, 4) float32 pixel (x1, y1, x2, y2) in the output image, in
-  pixel-edge coordinates (pixel (r, c) covers [c, c + 1) x [r, r + 1), so a mask
-  spanning columns c0..c1 has x1 = c0 and x2 = c1 + 1), tight around
+- Instance ground truth, only with ``instances=True`` (which needs a data set
+  with instances: ``jfcnn_shapes``, ``coco/2017_panoptic``), padded to M per
+  example: ``boxes`` (B, M, 4) float32 pixel (x1, y1, x2, y2) in the output
+  image, in pixel-edge coordinates (pixel (r, c) covers [c, c + 1) x [r, r + 1),
+  so a mask spanning columns c0..c1 has x1 = c0 and x2 = c1 + 1), tight around
   ``instance_masks``; ``labels`` (B, M) int32 semantic class ids (0 for
   padding); ``instance_masks`` (B, M, S, S) uint8 0/1; ``instance_valid``
   (B, M) bool.
-- ``crowd`` (B, M) bool, ``coco/2017_panoptic`` only: slots holding crowd
-  regions (see `jfcnn.data.coco`). They have ``instance_valid`` False (no
-  training target) but their box, label and instance mask are filled, so that
-  evaluation can ignore detections on them.
+- ``crowd`` (B, M) bool, with instances of ``coco/2017_panoptic`` only: slots
+  holding crowd regions (see `jfcnn.data.coco`). They have ``instance_valid``
+  False (no training target) but their box, label and instance mask are
+  filled, so that evaluation can ignore detections on them.
 - Eval batches only: ``valid`` (B,) bool; False marks the examples that pad the
   last batch to full size (no eval example is dropped).
+
+Without instances, instance annotations are neither read nor decoded, and
+``image`` and ``mask`` are bit-identical to those of ``instances=True``.
 
 Reproducible order: the training batch at step s is a function of
 (``config.seed``, s, data config, process index and count) only. The epoch e
@@ -42,16 +50,15 @@ labels are resized to S x S. Data sets with ``keep_aspect`` (COCO) resize the
 longer side instead and zero-pad the rest at the bottom and right.
 
 >>> config = ml_collections.ConfigDict({"seed": 0, "batch_size": 8, "data": default_config()})
->>> batch = next(create_train_iterator(config))
+>>> batch = next(create_train_iterator(config, instances=True))
 >>> batch["image"].shape, batch["boxes"].shape
 ((8, 128, 128, 3), (8, 8, 4))
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -60,77 +67,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jfcnn.data import coco, shapes
-
-
-class DatasetNotFoundError(RuntimeError):
-    """The requested TFDS data set is not prepared in the data directory."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetMetadata:
-    """Static facts about a configured data set.
-
-    Attributes:
-      name: TFDS name.
-      num_classes: number of semantic classes, background (or its equivalent) included.
-      class_names: name of each semantic class id 0..num_classes-1.
-      image_size: side S of the square output images.
-      num_train_examples: examples in ``config.data.train_split`` (all processes).
-      num_eval_examples: examples in ``config.data.eval_split`` (all processes).
-      has_instances: whether batches carry boxes, labels and instance masks.
-    """
-
-    name: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    image_size: int
-    num_train_examples: int
-    num_eval_examples: int
-    has_instances: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class _DatasetSpec:
-    class_names: tuple[str, ...]
-    has_instances: bool
-    # Subtracted from the stored semantic label to give the class id.
-    label_offset: int
-    # Only the synthetic set may be built here; real sets would need a download.
-    builds_locally: bool
-    # Resize the longer side to S and pad, instead of resizing to S x S.
-    keep_aspect: bool = False
-    # For layouts other than `jfcnn_shapes`/pets: the features to read
-    # (decode: bool -> PartialDecoding) and the map to the common form
-    # ((builder, decoded=...) -> fn, see `_to_common`).
-    decoding: Callable[[bool], tfds.decode.PartialDecoding] | None = None
-    to_common: Callable[..., Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]] | None = None
-
-
-_SPECS = {
-    "jfcnn_shapes": _DatasetSpec(
-        class_names=shapes.SEMANTIC_CLASS_NAMES,
-        has_instances=True,
-        label_offset=0,
-        builds_locally=True,
-    ),
-    # Trimap 1 pet, 2 background, 3 border (not classified) -> ids 0, 1, 2.
-    "oxford_iiit_pet": _DatasetSpec(
-        class_names=("pet", "background", "border"),
-        has_instances=False,
-        label_offset=1,
-        builds_locally=False,
-    ),
-    "coco/2017_panoptic": _DatasetSpec(
-        class_names=coco.CLASS_NAMES,
-        has_instances=True,
-        label_offset=0,
-        builds_locally=False,
-        keep_aspect=True,
-        decoding=coco.partial_decoding,
-        to_common=coco.to_common,
-    ),
-}
+from jfcnn.data.registry import DatasetMetadata, DatasetSpec, ToCommonFn, get_spec
+from jfcnn.errors import ConfigError, DatasetNotFoundError
 
 # Streams of the stateless RNG, so shuffle and augmentation draws never share keys.
 _SHUFFLE_STREAM = 0
@@ -141,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     """Defaults of the ``config.data`` section (offline synthetic data set)."""
     return ml_collections.ConfigDict(
         {
-            # or "oxford_iiit_pet", "coco/2017_panoptic" (prepared with `tfds build`)
+            # or "oxford_iiit_pet", "coco/2017_panoptic" (prepared with `tfds build`);
+            # all registered names: jfcnn.data.dataset_names()
             "name": "jfcnn_shapes",
             "data_dir": None,  # TFDS data dir; None -> TFDS default (~/tensorflow_datasets)
             "image_size": 128,  # side of the square images and masks fed to the model
@@ -150,18 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
             "shuffle_buffer": 2048,
             "augment": True,  # random flip + scale/crop (train only)
             "scale_range": (0.75, 1.25),
-            "max_instances": 8,  # instance ground truth is padded to this many
+            "max_instances": 8,  # instance ground truth is padded to this many (instances only)
             "cache": True,  # keep decoded examples in memory (small data sets)
         }
     )
-
-
-def _spec(data_config: ml_collections.ConfigDict) -> _DatasetSpec:
-    if data_config.name not in _SPECS:
-        raise ValueError(
-            f"config.data.name must be one of {sorted(_SPECS)}, got {data_config.name!r}"
-        )
-    return _SPECS[data_config.name]
 
 
 def _hide_gpus_from_tensorflow() -> None:
@@ -186,8 +117,8 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Returns the prepared builder; builds `jfcnn_shapes` locally if needed."""
-    spec = _spec(data_config)
+    """Returns the prepared builder; builds a locally generated data set if needed."""
+    spec = get_spec(data_config.name)
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
     if builder.is_prepared():
         return builder
@@ -215,72 +146,39 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: Any) -> int:
 
 
 def _read(
-    builder: tfds.core.DatasetBuilder, split: Any, *, spec: _DatasetSpec, decode: bool
+    builder: tfds.core.DatasetBuilder,
+    split: Any,
+    *,
+    spec: DatasetSpec,
+    decode: bool,
+    instances: bool,
 ) -> tf.data.Dataset:
     """Reads ``split`` in its fixed file order; images stay encoded unless ``decode``."""
-    if spec.decoding is not None:
-        decoding = spec.decoding(decode)
-    else:
-        # Only the features we use are parsed (and, in tests, mocked).
-        features = {"image": True, "segmentation_mask": True}
-        if spec.has_instances:
-            features["objects"] = {"label": True, "mask": True}
-        decoders = None
-        if not decode:
-            decoders = {"image": tfds.decode.SkipDecoding()}
-            decoders["segmentation_mask"] = tfds.decode.SkipDecoding()
-            if spec.has_instances:
-                decoders["objects"] = {"mask": tfds.decode.SkipDecoding()}
-        decoding = tfds.decode.PartialDecoding(features, decoders=decoders)
     return builder.as_dataset(
         split=split,
         shuffle_files=False,
-        decoders=decoding,
+        decoders=spec.decoding(decode, instances),
         # We cache ourselves, and only when asked.
         read_config=tfds.ReadConfig(try_autocache=False),
     )
 
 
 def _to_common(
-    builder: tfds.core.DatasetBuilder, spec: _DatasetSpec, *, decoded: bool
-) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-    """Returns a function mapping a TFDS example to the data set independent form.
+    builder: tfds.core.DatasetBuilder, spec: DatasetSpec, *, decoded: bool, instances: bool
+) -> ToCommonFn:
+    """The spec's map to the common form (``jfcnn.data.registry``), semantic part only
+    unless ``instances``."""
+    fn = spec.to_common(builder, decoded=decoded, instances=instances)
+    if instances:
+        return fn
 
-    The form: ``image`` (H, W, 3) uint8; ``label_maps`` (H', W', C) uint8 with
-    the stored semantic label in channel 0 and, with instances, the instance
-    index map in channel 1 (0 none, k the k-th instance); ``instance_labels``
-    (N,) int32 semantic class ids; optionally ``instance_crowd`` (N,) bool.
-    One index map replaces N masks because visible instance masks are
-    disjoint, and it keeps every label resampled identically with a single
-    nearest-neighbour resize.
-    """
-    if spec.to_common is not None:
-        return spec.to_common(builder, decoded=decoded)
-    features = builder.info.features
+    def semantic_only(example):
+        common = fn(example)
+        # Nearest-neighbour resizing and cropping treat channels independently,
+        # so channel 0 comes out exactly as it would next to the index map.
+        return {"image": common["image"], "label_maps": common["label_maps"][..., :1]}
 
-    def decode(name, value):
-        return value if decoded else features[name].decode_example(value)
-
-    def fn(example):
-        image = decode("image", example["image"])
-        semantic = decode("segmentation_mask", example["segmentation_mask"])
-        out = {"image": image, "label_maps": semantic}
-        if spec.has_instances:
-            masks = example["objects"]["mask"]
-            if not decoded:
-                masks = features["objects"].feature["mask"].decode_batch_example(masks)
-            masks_nhw = tf.cast(masks[..., 0], tf.int32)
-            ids = tf.range(1, tf.shape(masks_nhw)[0] + 1, dtype=tf.int32)
-            # Max (not sum) so that overlapping masks resolve to the later instance;
-            # the outer max turns the empty reduction (N = 0) into 0.
-            index_map = tf.maximum(tf.reduce_max(masks_nhw * ids[:, None, None], axis=0), 0)
-            out["label_maps"] = tf.concat(
-                [semantic, tf.cast(index_map, tf.uint8)[..., None]], axis=-1
-            )
-            out["instance_labels"] = tf.cast(example["objects"]["label"], tf.int32) + 1
-        return out
-
-    return fn
+    return semantic_only
 
 
 def _crop_or_pad(x: tf.Tensor, scaled: tf.Tensor, size: int, offset_frac: tf.Tensor):
@@ -315,10 +213,14 @@ def _preprocess(
     seed: tf.Tensor | None,
     *,
     data_config: ml_collections.ConfigDict,
-    spec: _DatasetSpec,
+    spec: DatasetSpec,
     augment: bool,
+    max_instances: int | None,
 ) -> dict[str, tf.Tensor]:
-    """Augments (if ``augment``, with stateless draws from ``seed``) and formats one example."""
+    """Augments (if ``augment``, with stateless draws from ``seed``) and formats one example.
+
+    Instance fields are made (padded to ``max_instances``) unless it is None.
+    """
     size = data_config.image_size
     image = example["image"]
     label_maps = example["label_maps"]
@@ -363,8 +265,7 @@ def _preprocess(
             tf.cast(label_maps[..., 0], tf.int32) - spec.label_offset, [size, size]
         ),
     }
-    if spec.has_instances:
-        max_instances = data_config.max_instances
+    if max_instances is not None:
         index_map = tf.cast(label_maps[..., 1], tf.int32)
         masks = tf.equal(index_map[None], tf.range(1, max_instances + 1)[:, None, None])
         # Instances beyond M are dropped; the crop may also remove instances.
@@ -392,28 +293,46 @@ def _options() -> tf.data.Options:
     return options
 
 
-def _check_data_config(data_config: ml_collections.ConfigDict) -> None:
+def _check_data_config(
+    data_config: ml_collections.ConfigDict, spec: DatasetSpec, instances: bool
+) -> int | None:
+    """Raises on a bad ``config.data``; returns M with ``instances``, else None."""
     if data_config.image_size <= 0:
         raise ValueError(f"config.data.image_size must be positive, got {data_config.image_size}")
-    if data_config.max_instances <= 0:
-        raise ValueError(
-            f"config.data.max_instances must be positive, got {data_config.max_instances}"
-        )
     low, high = data_config.scale_range
     if not 0 < low <= high:
         raise ValueError(f"config.data.scale_range must be 0 < min <= max, got {(low, high)}")
+    if not instances:
+        return None
+    if not spec.has_instances:
+        raise ConfigError(
+            f"Data set {spec.name!r} has no instance annotations (boxes, instance masks); "
+            "pick a data set with them for instance batches."
+        )
+    max_instances = data_config.get("max_instances")
+    if max_instances is None:
+        raise ConfigError(
+            "Config key `data.max_instances` is missing; instance batches pad their "
+            "ground truth to that many instances. Add it to the config file."
+        )
+    if max_instances <= 0:
+        raise ValueError(f"config.data.max_instances must be positive, got {max_instances}")
+    return max_instances
 
 
 def create_train_iterator(
-    config: ml_collections.ConfigDict, *, start_step: int = 0
+    config: ml_collections.ConfigDict, *, start_step: int = 0, instances: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless iterator over this process's training batches, from ``start_step`` on.
 
     Args:
       config: uses ``config.seed``, ``config.batch_size`` (global) and ``config.data``
-        (see `default_config`).
+        (see `default_config`; ``max_instances`` only with ``instances``).
       start_step: index of the first batch to yield; batch s is the same whether
         the iterator started at 0 or at any k <= s.
+      instances: whether batches carry the instance ground truth (``boxes``,
+        ``labels``, ``instance_masks``, ``instance_valid``, and ``crowd`` where
+        the data set has it); the data set must have instances.
 
     Returns:
       An iterator of dicts of numpy arrays (see the module docstring), B examples each.
@@ -421,8 +340,8 @@ def create_train_iterator(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     data_config = config.data
-    spec = _spec(data_config)
-    _check_data_config(data_config)
+    spec = get_spec(data_config.name)
+    max_instances = _check_data_config(data_config, spec, instances)
     _hide_gpus_from_tensorflow()
     process_index, process_count = _process_info()
     batch_size = _local_batch_size(config.batch_size, process_count)
@@ -439,8 +358,8 @@ def create_train_iterator(
         )
 
     cache = data_config.cache
-    to_common = _to_common(builder, spec, decoded=cache)
-    examples = _read(builder, split, spec=spec, decode=cache)
+    to_common = _to_common(builder, spec, decoded=cache, instances=instances)
+    examples = _read(builder, split, spec=spec, decode=cache, instances=instances)
     if cache:
         examples = examples.map(to_common, num_parallel_calls=tf.data.AUTOTUNE).cache()
 
@@ -471,7 +390,12 @@ def create_train_iterator(
         global_position = position * process_count + process_index
         seed = tf.random.experimental.stateless_fold_in(augment_key, global_position)
         return _preprocess(
-            example, seed, data_config=data_config, spec=spec, augment=data_config.augment
+            example,
+            seed,
+            data_config=data_config,
+            spec=spec,
+            augment=data_config.augment,
+            max_instances=max_instances,
         )
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -488,7 +412,9 @@ def num_eval_batches(config: ml_collections.ConfigDict) -> int:
     return math.ceil(per_process / batch_size)
 
 
-def create_eval_iterator(config: ml_collections.ConfigDict) -> Iterator[dict[str, np.ndarray]]:
+def create_eval_iterator(
+    config: ml_collections.ConfigDict, *, instances: bool = False
+) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's shard of the eval split, in a fixed order.
 
     Every process yields `num_eval_batches` batches of B examples (so that
@@ -497,13 +423,15 @@ def create_eval_iterator(config: ml_collections.ConfigDict) -> Iterator[dict[str
 
     Args:
       config: uses ``config.batch_size`` (global) and ``config.data``.
+      instances: whether batches carry the instance ground truth (see
+        `create_train_iterator`).
 
     Returns:
       An iterator of dicts of numpy arrays with the training keys plus ``valid`` (B,) bool.
     """
     data_config = config.data
-    spec = _spec(data_config)
-    _check_data_config(data_config)
+    spec = get_spec(data_config.name)
+    max_instances = _check_data_config(data_config, spec, instances)
     _hide_gpus_from_tensorflow()
     process_index, process_count = _process_info()
     batch_size = _local_batch_size(config.batch_size, process_count)
@@ -511,16 +439,21 @@ def create_eval_iterator(config: ml_collections.ConfigDict) -> Iterator[dict[str
     split = tfds.even_splits(data_config.eval_split, n=process_count, drop_remainder=False)[
         process_index
     ]
-    to_common = _to_common(builder, spec, decoded=True)
+    to_common = _to_common(builder, spec, decoded=True, instances=instances)
 
     def prepare(example):
         out = _preprocess(
-            to_common(example), None, data_config=data_config, spec=spec, augment=False
+            to_common(example),
+            None,
+            data_config=data_config,
+            spec=spec,
+            augment=False,
+            max_instances=max_instances,
         )
         out["valid"] = tf.constant(True)
         return out
 
-    ds = _read(builder, split, spec=spec, decode=True).map(
+    ds = _read(builder, split, spec=spec, decode=True, instances=instances).map(
         prepare, num_parallel_calls=tf.data.AUTOTUNE
     )
     padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
@@ -531,9 +464,9 @@ def create_eval_iterator(config: ml_collections.ConfigDict) -> Iterator[dict[str
 
 
 def dataset_metadata(config: ml_collections.ConfigDict) -> DatasetMetadata:
-    """Class names and split sizes of the configured data set (prepares `jfcnn_shapes`)."""
+    """Class names and split sizes of the configured data set (prepares a generated one)."""
     data_config = config.data
-    spec = _spec(data_config)
+    spec = get_spec(data_config.name)
     _hide_gpus_from_tensorflow()
     builder = _get_builder(data_config)
     return DatasetMetadata(
@@ -545,48 +478,3 @@ def dataset_metadata(config: ml_collections.ConfigDict) -> DatasetMetadata:
         num_eval_examples=_num_examples(builder, data_config.eval_split),
         has_instances=spec.has_instances,
     )
-
-
-_PALETTE = np.array(
-    [[0, 0, 0], [230, 60, 60], [60, 200, 60], [70, 110, 240], [240, 200, 40], [200, 80, 220]],
-    dtype=np.uint8,
-)
-
-
-def save_preview(batch: dict[str, np.ndarray], path: str, max_examples: int = 8) -> str:
-    """Saves a PNG to eyeball a batch: one row per example.
-
-    Columns: the image; the semantic mask in color; with instances, the image
-    with each valid instance's mask tinted and its box outlined (white).
-
-    Args:
-      batch: a batch from `create_train_iterator` / `create_eval_iterator`.
-      path: output PNG path.
-      max_examples: number of rows.
-
-    Returns:
-      ``path``.
-    """
-    from PIL import Image, ImageDraw
-
-    rows = []
-    for i in range(min(max_examples, len(batch["image"]))):
-        image = np.round(batch["image"][i] * 255).astype(np.uint8)
-        semantic = _PALETTE[np.mod(batch["mask"][i], len(_PALETTE))]
-        panels = [image, semantic]
-        if "instance_masks" in batch:
-            tinted = image.astype(np.float32)
-            for k in np.flatnonzero(batch["instance_valid"][i]):
-                color = _PALETTE[1 + k % (len(_PALETTE) - 1)].astype(np.float32)
-                inside = batch["instance_masks"][i, k].astype(bool)
-                tinted[inside] = 0.5 * tinted[inside] + 0.5 * color
-            overlay = Image.fromarray(tinted.astype(np.uint8))
-            draw = ImageDraw.Draw(overlay)
-            for k in np.flatnonzero(batch["instance_valid"][i]):
-                x1, y1, x2, y2 = batch["boxes"][i, k]
-                # Pixel-edge box -> outline on the boundary pixels.
-                draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(255, 255, 255))
-            panels.append(np.asarray(overlay))
-        rows.append(np.concatenate(panels, axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-    return path

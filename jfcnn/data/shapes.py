@@ -29,6 +29,9 @@ Features:
 Visible instance masks never overlap, and the semantic mask is exactly the
 union of the instance masks painted with ``label + 1``.
 
+Importing this module registers the TFDS builder and the pipeline's
+`SPEC` (``jfcnn.data.registry``; semantic class ids are the stored mask values).
+
 >>> import tensorflow_datasets as tfds
 >>> import jfcnn.data  # registers the builder
 >>> builder = tfds.builder("jfcnn_shapes", data_dir="/tmp/tfds")
@@ -41,8 +44,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from jfcnn.data import registry
 
 IMAGE_SIZE = 128
 CLASS_NAMES = ("circle", "square", "triangle")
@@ -302,3 +308,60 @@ class JfcnnShapes(tfds.core.GeneratorBasedBuilder):
                     },
                 },
             )
+
+
+def _decoding(decode: bool, instances: bool) -> tfds.decode.PartialDecoding:
+    """The features the pipeline reads; images stay encoded unless ``decode``."""
+    # Only the features we use are parsed: the 1-6 instance mask PNGs are most
+    # of the decoding work, and semantic segmentation never needs them.
+    features: dict = {"image": True, "segmentation_mask": True}
+    if instances:
+        features["objects"] = {"label": True, "mask": True}
+    decoders = None
+    if not decode:
+        decoders = {"image": tfds.decode.SkipDecoding()}
+        decoders["segmentation_mask"] = tfds.decode.SkipDecoding()
+        if instances:
+            decoders["objects"] = {"mask": tfds.decode.SkipDecoding()}
+    return tfds.decode.PartialDecoding(features, decoders=decoders)
+
+
+def _to_common(builder: tfds.core.DatasetBuilder, *, decoded: bool, instances: bool):
+    """The map from a `jfcnn_shapes` example to the common form (``jfcnn.data.registry``)."""
+    features = builder.info.features
+
+    def decode(name, value):
+        return value if decoded else features[name].decode_example(value)
+
+    def fn(example):
+        image = decode("image", example["image"])
+        semantic = decode("segmentation_mask", example["segmentation_mask"])
+        out = {"image": image, "label_maps": semantic}
+        if instances:
+            masks = example["objects"]["mask"]
+            if not decoded:
+                masks = features["objects"].feature["mask"].decode_batch_example(masks)
+            masks_nhw = tf.cast(masks[..., 0], tf.int32)
+            ids = tf.range(1, tf.shape(masks_nhw)[0] + 1, dtype=tf.int32)
+            # Max (not sum) so that overlapping masks resolve to the later instance;
+            # the outer max turns the empty reduction (N = 0) into 0.
+            index_map = tf.maximum(tf.reduce_max(masks_nhw * ids[:, None, None], axis=0), 0)
+            out["label_maps"] = tf.concat(
+                [semantic, tf.cast(index_map, tf.uint8)[..., None]], axis=-1
+            )
+            out["instance_labels"] = tf.cast(example["objects"]["label"], tf.int32) + 1
+        return out
+
+    return fn
+
+
+SPEC = registry.register(
+    registry.DatasetSpec(
+        name="jfcnn_shapes",
+        class_names=SEMANTIC_CLASS_NAMES,
+        has_instances=True,
+        decoding=_decoding,
+        to_common=_to_common,
+        builds_locally=True,
+    )
+)

@@ -1,4 +1,4 @@
-"""Tests of the COCO panoptic input pipeline (jfcnn.data.coco and its pipeline registration).
+"""Tests of the COCO panoptic input pipeline (jfcnn.data.coco and its registered spec).
 
 No COCO download: a tiny ``coco/2017_panoptic`` is prepared from hand-built
 examples by replacing the builder's split generators, and
@@ -254,7 +254,7 @@ def nearest(in_size: int, out_size: int) -> np.ndarray:
 
 def test_eval_batches_hold_the_exact_instances(coco_data_dir):
     config = make_config(coco_data_dir)
-    batches = list(data_lib.create_eval_iterator(config))
+    batches = list(data_lib.create_eval_iterator(config, instances=True))
     builder = tfds.builder(NAME, data_dir=coco_data_dir)
     # All features, in the file order the pipeline reads.
     raw = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
@@ -316,6 +316,13 @@ def test_eval_batches_hold_the_exact_instances(coco_data_dir):
     landscape = [ex["image/filename"] for ex in raw].index(b"landscape.jpg")
     np.testing.assert_array_equal(batch["labels"][landscape], [1, 80, 3, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(batch["boxes"][landscape, 0], [3, 2, 15, 10])
+    # Without instances: the same images, masks and valid flags, nothing else.
+    semantic = list(data_lib.create_eval_iterator(config))
+    assert len(semantic) == len(batches)
+    for sem, inst in zip(semantic, batches, strict=True):
+        assert sem.keys() == {"image", "mask", "valid"}
+        for key in sem:
+            np.testing.assert_array_equal(sem[key], inst[key], err_msg=key)
 
 
 def assert_consistent(batch: dict[str, np.ndarray]) -> None:
@@ -340,7 +347,7 @@ def assert_consistent(batch: dict[str, np.ndarray]) -> None:
 @pytest.mark.parametrize("cache", [True, False])
 def test_augmented_train_batches_stay_consistent(coco_data_dir, cache):
     config = make_config(coco_data_dir, augment=True, cache=cache, batch_size=3)
-    iterator = data_lib.create_train_iterator(config)
+    iterator = data_lib.create_train_iterator(config, instances=True)
     batches = [next(iterator) for _ in range(3)]
     for batch in batches:
         assert_consistent(batch)
@@ -348,7 +355,7 @@ def test_augmented_train_batches_stay_consistent(coco_data_dir, cache):
         b["instance_valid"].any() for b in batches
     )
     # Resuming at step 2 gives the same batch.
-    resumed = next(data_lib.create_train_iterator(config, start_step=2))
+    resumed = next(data_lib.create_train_iterator(config, start_step=2, instances=True))
     for key in resumed:
         np.testing.assert_array_equal(resumed[key], batches[2][key], err_msg=key)
 

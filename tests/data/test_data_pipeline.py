@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 import jfcnn.data as data_lib
-from jfcnn.data import pipeline
+from jfcnn.data import pipeline, registry
+from jfcnn.errors import ConfigError
 
 INSTANCE_KEYS = {"boxes", "labels", "instance_masks", "instance_valid"}
 
@@ -77,7 +78,7 @@ def test_metadata(make_config, examples_per_split):
 
 def test_train_batch_shapes_dtypes_and_ranges(make_config):
     config = make_config(image_size=48, max_instances=7, batch_size=6)
-    batches = take(data_lib.create_train_iterator(config), 2)
+    batches = take(data_lib.create_train_iterator(config, instances=True), 2)
     expected = {
         "image": ((6, 48, 48, 3), np.float32),
         "mask": ((6, 48, 48), np.int32),
@@ -96,7 +97,7 @@ def test_train_batch_shapes_dtypes_and_ranges(make_config):
 
 def test_unaugmented_eval_matches_stored_examples(make_config, shapes_data_dir):
     config = make_config(eval_split="validation[:12]", image_size=128, max_instances=6)
-    batches = list(data_lib.create_eval_iterator(config))
+    batches = list(data_lib.create_eval_iterator(config, instances=True))
     assert len(batches) == 2
     builder = tfds.builder("jfcnn_shapes", data_dir=shapes_data_dir)
     stored = list(builder.as_dataset(split="validation[:12]").as_numpy_iterator())
@@ -138,10 +139,14 @@ def test_flip_and_crop_are_exact_and_shared(make_config):
     """Scale 2 at S=64 resamples the 128 px source 1:1, so the crop is an exact window."""
     common = dict(train_split="train[:16]", max_instances=6, batch_size=16)
     source = next(
-        data_lib.create_train_iterator(make_config(image_size=128, augment=False, **common))
+        data_lib.create_train_iterator(
+            make_config(image_size=128, augment=False, **common), instances=True
+        )
     )
     augmented = next(
-        data_lib.create_train_iterator(make_config(image_size=64, scale_range=(2.0, 2.0), **common))
+        data_lib.create_train_iterator(
+            make_config(image_size=64, scale_range=(2.0, 2.0), **common), instances=True
+        )
     )
     flips, offsets = [], set()
     for i in range(16):
@@ -177,10 +182,14 @@ def test_downscale_pads_with_background(make_config):
     """scale 0.5 at S=64 pastes a 32 px nearest-neighbour resample into a zero canvas."""
     common = dict(train_split="train[:8]", max_instances=6)
     source = next(
-        data_lib.create_train_iterator(make_config(image_size=128, augment=False, **common))
+        data_lib.create_train_iterator(
+            make_config(image_size=128, augment=False, **common), instances=True
+        )
     )
     augmented = next(
-        data_lib.create_train_iterator(make_config(image_size=64, scale_range=(0.5, 0.5), **common))
+        data_lib.create_train_iterator(
+            make_config(image_size=64, scale_range=(0.5, 0.5), **common), instances=True
+        )
     )
     for i in range(8):
         mask = augmented["mask"][i]
@@ -204,24 +213,28 @@ def test_downscale_pads_with_background(make_config):
 
 def test_random_scale_keeps_annotations_consistent(make_config):
     config = make_config(image_size=40, scale_range=(0.6, 1.6), batch_size=8)
-    for batch in take(data_lib.create_train_iterator(config), 3):
+    for batch in take(data_lib.create_train_iterator(config, instances=True), 3):
         assert_instances_consistent(batch)
 
 
+@pytest.mark.parametrize("instances", [False, True])
 @pytest.mark.parametrize("cache", [True, False])
-def test_resume_yields_bit_identical_batches(make_config, cache):
+def test_resume_yields_bit_identical_batches(make_config, cache, instances):
     # 40 examples / 8 per step = 5 steps per epoch; step 7 lies in the second epoch.
     config = make_config(train_split="train[:40]", image_size=32, cache=cache)
-    uninterrupted = take(data_lib.create_train_iterator(config), 9)
+    uninterrupted = take(data_lib.create_train_iterator(config, instances=instances), 9)
     assert_batches_equal(
-        take(data_lib.create_train_iterator(config, start_step=3), 6), uninterrupted[3:]
+        take(data_lib.create_train_iterator(config, start_step=3, instances=instances), 6),
+        uninterrupted[3:],
     )
     assert_batches_equal(
-        take(data_lib.create_train_iterator(config, start_step=7), 2), uninterrupted[7:]
+        take(data_lib.create_train_iterator(config, start_step=7, instances=instances), 2),
+        uninterrupted[7:],
     )
     other_seed = take(
         data_lib.create_train_iterator(
-            make_config(seed=1, train_split="train[:40]", image_size=32, cache=cache)
+            make_config(seed=1, train_split="train[:40]", image_size=32, cache=cache),
+            instances=instances,
         ),
         1,
     )
@@ -251,8 +264,8 @@ def test_epochs_are_fresh_permutations(make_config):
 def test_eval_is_fixed_and_pads_the_last_batch(make_config):
     config = make_config(eval_split="validation[:21]", image_size=32)
     assert data_lib.num_eval_batches(config) == 3
-    first = list(data_lib.create_eval_iterator(config))
-    second = list(data_lib.create_eval_iterator(config))
+    first = list(data_lib.create_eval_iterator(config, instances=True))
+    second = list(data_lib.create_eval_iterator(config, instances=True))
     assert_batches_equal(first, second)
     valid = np.concatenate([b["valid"] for b in first])
     np.testing.assert_array_equal(valid, np.arange(24) < 21)
@@ -300,13 +313,6 @@ def test_config_errors(make_config):
         data_lib.create_train_iterator(make_config(), start_step=-1)
 
 
-def test_save_preview(make_config, tmp_path):
-    batch = next(data_lib.create_train_iterator(make_config(image_size=32)))
-    path = data_lib.save_preview(batch, os.fspath(tmp_path / "preview.png"), max_examples=3)
-    with Image.open(path) as image:
-        assert image.size == (3 * 32, 3 * 32)
-
-
 def _write_pets_metadata(data_dir: str, num_train: int, num_test: int) -> None:
     """Writes the metadata of a prepared `oxford_iiit_pet` so that mock_data can serve it."""
     builder = tfds.builder("oxford_iiit_pet", data_dir=data_dir)
@@ -347,8 +353,12 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path, make_config, cache):
         train_batch = next(data_lib.create_train_iterator(config))
         eval_batches = list(data_lib.create_eval_iterator(config))
         builder = tfds.builder("oxford_iiit_pet", data_dir=data_dir)
-        spec = pipeline._SPECS["oxford_iiit_pet"]
-        raw = list(pipeline._read(builder, "test", spec=spec, decode=True).as_numpy_iterator())
+        spec = registry.get_spec("oxford_iiit_pet")
+        raw = list(
+            pipeline._read(
+                builder, "test", spec=spec, decode=True, instances=False
+            ).as_numpy_iterator()
+        )
     assert {k: (v.shape, v.dtype) for k, v in train_batch.items()} == {
         "image": ((2, 24, 24, 3), np.float32),
         "mask": ((2, 24, 24), np.int32),
@@ -379,3 +389,80 @@ def test_missing_real_data_set_raises_clear_error(tmp_path, make_config):
         assert "tfds build oxford_iiit_pet --data_dir=DIR" in message
         assert "--config.data.data_dir=DIR" in message
     assert not os.listdir(tmp_path)  # Nothing downloaded or prepared.
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_semantic_batches_carry_no_instance_fields(make_config, cache):
+    """Without instances a batch is image and mask (and valid), equal to the instance batch's."""
+    config = make_config(
+        train_split="train[:16]", image_size=40, scale_range=(0.6, 1.6), cache=cache
+    )
+    semantic = take(data_lib.create_train_iterator(config, start_step=1), 2)
+    with_instances = take(data_lib.create_train_iterator(config, start_step=1, instances=True), 2)
+    for sem, inst in zip(semantic, with_instances, strict=True):
+        assert sem.keys() == {"image", "mask"}
+        assert inst.keys() == {"image", "mask"} | INSTANCE_KEYS
+        np.testing.assert_array_equal(sem["image"], inst["image"])
+        np.testing.assert_array_equal(sem["mask"], inst["mask"])
+        # The instance batch's masks paint exactly this semantic mask.
+        assert_instances_consistent(inst)
+        assert set(np.unique(sem["mask"])) <= {0, 1, 2, 3} and sem["mask"].any()
+
+    eval_config = make_config(eval_split="validation[:10]", image_size=40)
+    semantic = list(data_lib.create_eval_iterator(eval_config))
+    with_instances = list(data_lib.create_eval_iterator(eval_config, instances=True))
+    assert len(semantic) == len(with_instances) == 2
+    for sem, inst in zip(semantic, with_instances, strict=True):
+        assert sem.keys() == {"image", "mask", "valid"}
+        assert inst.keys() == {"image", "mask", "valid"} | INSTANCE_KEYS
+        for key in sem:
+            np.testing.assert_array_equal(sem[key], inst[key], err_msg=key)
+
+
+def test_semantic_batches_need_no_max_instances(make_config):
+    config = make_config(train_split="train[:8]", image_size=32)
+    del config.data["max_instances"]
+    assert next(data_lib.create_train_iterator(config)).keys() == {"image", "mask"}
+    assert next(data_lib.create_eval_iterator(config)).keys() == {"image", "mask", "valid"}
+    for create in (data_lib.create_train_iterator, data_lib.create_eval_iterator):
+        with pytest.raises(ConfigError, match=r"`data\.max_instances` is missing"):
+            create(config, instances=True)
+    with pytest.raises(ValueError, match="max_instances must be positive"):
+        data_lib.create_train_iterator(make_config(max_instances=0), instances=True)
+
+
+def test_instances_need_a_data_set_with_instances(tmp_path, make_config):
+    # Raised before the (here unprepared) data set is looked for.
+    config = make_config(name="oxford_iiit_pet", data_dir=os.fspath(tmp_path), eval_split="test")
+    for create in (data_lib.create_train_iterator, data_lib.create_eval_iterator):
+        with pytest.raises(ConfigError, match="'oxford_iiit_pet' has no instance annotations"):
+            create(config, instances=True)
+
+
+def test_registry_names_and_unknown_name_error():
+    assert data_lib.dataset_names() == ("coco/2017_panoptic", "jfcnn_shapes", "oxford_iiit_pet")
+    assert data_lib.get_spec("jfcnn_shapes").has_instances
+    assert not data_lib.get_spec("oxford_iiit_pet").has_instances
+    with pytest.raises(ConfigError) as error:
+        data_lib.get_spec("imagenet2012")
+    message = str(error.value)
+    assert "'imagenet2012'" in message and "config.data.name must be one of" in message
+    assert "['coco/2017_panoptic', 'jfcnn_shapes', 'oxford_iiit_pet']" in message
+    assert "register" in message  # Says how to add one.
+    with pytest.raises(ValueError, match="'jfcnn_shapes' is already registered"):
+        data_lib.register(data_lib.get_spec("jfcnn_shapes"))
+
+
+def test_metadata_round_trips_through_json(make_config):
+    metadata = data_lib.dataset_metadata(make_config(image_size=64))
+    as_json = json.dumps(metadata.to_dict())
+    assert json.loads(as_json)["class_names"] == ["background", "circle", "square", "triangle"]
+    assert data_lib.DatasetMetadata.from_dict(json.loads(as_json)) == metadata
+    # Keys it does not know (written by a newer version) are ignored; missing ones are not.
+    values = {**json.loads(as_json), "future_field": 1}
+    assert data_lib.DatasetMetadata.from_dict(values) == metadata
+    del values["image_size"]
+    with pytest.raises(ValueError, match="image_size"):
+        data_lib.DatasetMetadata.from_dict(values)
+    with pytest.raises(ValueError, match="num_classes=3 but 4 class_names"):
+        data_lib.DatasetMetadata.from_dict({**metadata.to_dict(), "num_classes": 3})
