@@ -7,11 +7,15 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 The logic lives in `jfcnn.train.train_and_evaluate`; this file only parses flags.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from jfcnn import cli
 
-from jfcnn import train
-from jfcnn.errors import exit_on_user_error
+# Before anything imports the training stack: one line, not an ImportError.
+cli.exit_unless_installed("train", "train.py")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jfcnn import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
@@ -22,8 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    train.quiet_library_logs()
-    with exit_on_user_error():
+    cli.quiet_library_logs()
+    with cli.exit_on_user_error():
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -28,12 +28,12 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from jfcnn.errors import CheckpointNotFoundError
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """Raised when a work directory has no (or not the requested) checkpoint."""
+# The checkpoint item that holds the train state (see `save`).
+_STATE = "state"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -52,12 +52,18 @@ def create_manager(
         # returns, which is what a SIGTERM handler that is about to exit needs.
         enable_async_checkpointing=False,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    # The state is a plain pytree: the PyTree handler (the format the standard
+    # handler writes) also restores a subtree of it, see `restore_subtree`.
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=options,
+        item_handlers={_STATE: ocp.PyTreeCheckpointHandler()},
+    )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Saves ``state`` (an unreplicated pytree of arrays) at ``step``."""
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state)}), force=True)
     manager.wait_until_finished()
 
 
@@ -67,6 +73,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the
     shardings the arrays should have on this machine.
     """
+    return _restore(manager, abstract_state, _existing_step(manager, step), partial=False)
+
+
+def restore_subtree(
+    manager: ocp.CheckpointManager, abstract_subtree: dict[str, Any], step: int | None = None
+) -> dict[str, Any]:
+    """Restores only the top-level fields of the saved state named in ``abstract_subtree``.
+
+    Evaluation restores ``step``, ``params`` and ``model_state`` this way, so it
+    never builds an optimizer or reads the optimizer state from disk.
+    """
+    return _restore(manager, abstract_subtree, _existing_step(manager, step), partial=True)
+
+
+def _restore(manager: ocp.CheckpointManager, abstract: Any, step: int, *, partial: bool) -> Any:
+    args = ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
+    )
+    return manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+
+
+def _existing_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+    """``step``, or the latest one if None; a clear error if there is none."""
     available = sorted(manager.all_steps())
     if step is None:
         if not available:
@@ -79,10 +110,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
         raise CheckpointNotFoundError(
             f"No checkpoint for step {step} in {manager.directory}; available steps: {available}."
         )
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
-    return restored["state"]
+    return step
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+
+from jfcnn.errors import ConfigError
 
 _NUMBER = (int, float)
 _SECTION = (ml_collections.ConfigDict, Mapping)
@@ -35,7 +37,7 @@ def _f(types, *, choices=None, optional=False, minimum=None) -> Field:
 
 # Top-level fields shared by every task.
 COMMON: dict[str, Field] = {
-    "task": _f(str, choices=("semantic", "instance")),
+    "task": _f(str),  # Choices: the task registry (jfcnn.tasks.TASKS).
     "seed": _f(int),
     "batch_size": _f(int, minimum=1),
     "num_train_steps": _f(int, minimum=0),
@@ -73,10 +75,6 @@ DATA: dict[str, Field] = {
 LOSS: dict[str, Field] = {
     "dice_weight": _f(_NUMBER, minimum=0),
 }
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing, ill-typed or out of range."""
 
 
 def _check_section(
@@ -120,16 +118,25 @@ def _check_section(
 
 
 def validate_config(
-    config: ml_collections.ConfigDict, *, model_fields: Mapping[str, Any] | None = None
+    config: ml_collections.ConfigDict,
+    *,
+    tasks: tuple[str, ...] | None = None,
+    model_fields: Sequence[str] | None = None,
+    renamed_model_fields: Mapping[str, str] | None = None,
 ) -> None:
     """Raises ``ConfigError`` naming the first bad key of ``config``.
 
     Args:
       config: a run config (see ``configs/``).
+      tasks: the valid values of ``config.task``.
       model_fields: the keyword arguments the task's model accepts (besides
         ``name``); when given, ``config.model`` keys are checked against them.
+      renamed_model_fields: old model key -> new key, for a clear message when
+        a config still uses the old name.
     """
     _check_section(config, COMMON, "")
+    if tasks is not None and config.task not in tasks:
+        raise ConfigError(f"Config key `task` is {config.task!r}; choose one of {list(tasks)}.")
     _check_section(config.data, DATA, "data.", required=False)
     for key in ("name", "image_size", "train_split", "eval_split"):
         if key not in config.data:
@@ -137,6 +144,12 @@ def validate_config(
     _check_section(config.loss, LOSS, "loss.", required=False)
     if "name" not in config.model:
         raise ConfigError("Config key `model.name` is missing (e.g. 'unet').")
+    for old, new in (renamed_model_fields or {}).items():
+        if old in config.model:
+            raise ConfigError(
+                f"Config key `model.{old}` was renamed to `model.{new}`; "
+                f"set `model.{new}` instead (e.g. --config.model.{new}=...)."
+            )
     if model_fields is not None:
         schema = {"name": _f(str)}
         schema.update({k: Field((object,), optional=True) for k in model_fields})

@@ -15,6 +15,11 @@ From Python (a notebook, another script)::
 
 from __future__ import annotations
 
+from jfcnn import cli
+
+if __name__ == "__main__":  # Before the training stack is imported below.
+    cli.exit_unless_installed("train", "python -m jfcnn.evaluate")
+
 import functools
 import json
 import math
@@ -24,34 +29,30 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jfcnn import checkpoint as ckpt
+from jfcnn import data as data_lib
+from jfcnn import tasks, visualize
+from jfcnn import train_state as state_lib
+from jfcnn.tasks.base import Task
 
 EVAL_DIR = "eval"
 
 
-def _mesh_shardings() -> tuple[NamedSharding, NamedSharding]:
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-
 def run_evaluation(
-    config: ml_collections.ConfigDict, task, variables: Any
+    config: ml_collections.ConfigDict, task: Task, variables: Any
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One pass over ``config.data.eval_split``; returns (metrics, pictures).
 
     The eval step runs under ``jit`` with the batch sharded over all devices,
     whatever parallelism training used.
     """
-    from jfcnn import data as data_lib
-
-    replicated, data_sharding = _mesh_shardings()
-    variables = jax.device_put(variables, replicated)
+    mesh = state_lib.data_mesh()
+    data_sharding = state_lib.batch_sharded(mesh)
+    variables = jax.device_put(variables, state_lib.replicated(mesh))
     eval_step = _compiled_eval_step(task)
     evaluator = task.new_evaluator(config.num_eval_images)
-    for batch in data_lib.create_eval_iterator(config):
+    for batch in data_lib.create_eval_iterator(config, instances=task.needs_instances):
         device_batch = jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
         )
@@ -76,48 +77,39 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def load_trained(workdir: str, step: int | None = None):
-    """Restores a run on this machine's devices.
+def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Task, Any, int]:
+    """Restores a run on this machine's devices, for evaluation or prediction.
 
     Returns:
       ``(config, task, variables, step)``: the run's config, its task (whose
       ``.model`` is the flax module), the variables for ``model.apply``
-      (``{"params": ..., **model_state}``, replicated on all local devices) and
-      the restored step.
+      (``{"params": ..., **model_state}``, replicated on all devices) and the
+      restored step. The optimizer state is not read.
     """
-    from jfcnn import data as data_lib
-    from jfcnn import train as train_lib
-
     config = ckpt.load_config(workdir)
     metadata = data_lib.dataset_metadata(config)
-    task = train_lib.get_task(config, metadata)
-    tx, _ = train_lib.create_optimizer(config)
-    init = functools.partial(train_lib.create_train_state, task, tx)
-    replicated, _ = _mesh_shardings()
-    abstract = ckpt.abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), replicated)
+    task = tasks.get_task(config, metadata)
     manager = ckpt.create_manager(workdir, read_only=True)
     try:
-        state = ckpt.restore(manager, abstract, step)
+        variables, restored_step = state_lib.restore_variables(manager, task, step)
     finally:
         manager.close()
-    variables = {"params": state.params, **state.model_state}
-    return config, task, variables, int(state.step)
+    return config, task, variables, restored_step
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/Inf floats as None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; a class absent from the split has no IoU.
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
 
 
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     """Restores ``workdir``, evaluates it and writes ``<workdir>/eval/``."""
-    from jfcnn import visualize
-
     config, task, variables, restored_step = load_trained(workdir, step)
     metrics, images = run_evaluation(config, task, variables)
     metrics["step"] = restored_step
@@ -128,20 +120,17 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
             visualize.save_png(os.path.join(out_dir, f"example_{i:02d}.png"), image)
         path = os.path.join(out_dir, "metrics.json")
         with open(path + ".tmp", "w") as f:
-            json.dump(_json_safe(metrics), f, indent=2, sort_keys=True)
+            json.dump(json_safe(metrics), f, indent=2, sort_keys=True)
         os.replace(path + ".tmp", path)
     return metrics
 
 
 def main(argv) -> None:
     del argv
-    from jfcnn.errors import exit_on_user_error
-    from jfcnn.train import quiet_library_logs
-
-    quiet_library_logs()
-    with exit_on_user_error():
+    cli.quiet_library_logs()
+    with cli.exit_on_user_error():
         metrics = evaluate_workdir(FLAGS.workdir, FLAGS.step)
-    print(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
+    print(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
     print(f"Wrote {os.path.join(FLAGS.workdir, EVAL_DIR, 'metrics.json')}")
 
 

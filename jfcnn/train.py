@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -24,7 +25,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import flax
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jfcnn import checkpoint as ckpt
-from jfcnn import config_validation
-from jfcnn.models.build import model_fields
+from jfcnn import data as data_lib
+from jfcnn import evaluate as evaluate_lib
+from jfcnn import tasks
+from jfcnn import train_state as state_lib
+from jfcnn.errors import ConfigError, NonFiniteLossError
+from jfcnn.train_state import TrainState
 
 PMAP_AXIS = "batch"
 # Compiler options for programs that run once, where compile time dominates.
@@ -47,53 +49,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 MAX_STEPS_IN_FLIGHT = 2
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue exactly where it stopped."""
-
-    step: jax.Array  # int32 scalar: number of optimizer updates applied
-    params: Any
-    model_state: Any  # non-trainable collections, e.g. {"batch_stats": ...}
-    opt_state: Any
-    rng: jax.Array  # base key; step and example keys are folded from it
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/Inf loss or gradient."""
-
-
 # ---------------------------------------------------------------------------
-# Tasks and optimizers
-
-
-def get_task(config: ml_collections.ConfigDict, metadata: Any, *, axis_name: str | None = None):
-    """The task object for ``config.task`` (model, loss, evaluation)."""
-    if config.task == "semantic":
-        from jfcnn.semantic import SemanticSegmentationTask
-
-        return SemanticSegmentationTask(config, metadata, axis_name=axis_name)
-    if config.task == "instance":
-        from jfcnn.instance import InstanceSegmentationTask
-
-        return InstanceSegmentationTask(config, metadata, axis_name=axis_name)
-    raise config_validation.ConfigError(
-        f"Config key `task` is {config.task!r}; choose 'semantic' or 'instance'."
-    )
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the config, including the model's keys, before any work starts."""
-    config_validation.validate_config(config)
-    if config.task == "semantic":
-        from jfcnn import semantic as task_module
-    else:
-        from jfcnn import instance as task_module
-    name = config.model.name
-    if name not in task_module.MODELS:
-        raise config_validation.ConfigError(
-            f"Config key `model.name` is {name!r}; choose one of {sorted(task_module.MODELS)}."
-        )
-    config_validation.validate_config(config, model_fields=model_fields(task_module.MODELS[name]))
+# Optimizers
 
 
 def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -121,19 +78,6 @@ def create_optimizer(
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx, schedule
-
-
-def create_train_state(task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    init_rng, state_rng = jax.random.split(rng)
-    variables = dict(task.init_variables(init_rng))
-    params = variables.pop("params")
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state=variables,
-        opt_state=tx.init(params),
-        rng=state_rng,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -200,9 +144,9 @@ class JitParallelism:
     axis_name = None
 
     def __init__(self):
-        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.mesh = state_lib.data_mesh()
+        self.replicated = state_lib.replicated(self.mesh)
+        self.data_sharding = state_lib.batch_sharded(self.mesh)
         self.num_devices = len(jax.devices())
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -253,7 +197,7 @@ def get_parallelism(config: ml_collections.ConfigDict):
     parallelism = JitParallelism() if config.parallelism == "jit" else PmapParallelism()
     per_process = config.batch_size // jax.process_count()
     if config.batch_size % jax.process_count() or per_process % parallelism.num_devices:
-        raise config_validation.ConfigError(
+        raise ConfigError(
             f"Config key `batch_size` is {config.batch_size}; with {config.parallelism} on "
             f"{jax.device_count()} devices it must be a multiple of {jax.device_count()}."
         )
@@ -295,16 +239,33 @@ class PreemptionHandler(contextlib.AbstractContextManager):
 # Logging
 
 
-class SummaryWriter:
-    """TensorBoard event files via ``tf.summary`` (written by process 0 only)."""
+TRAIN_LOG = "train_log.jsonl"
 
-    def __init__(self, logdir: str):
+
+class SummaryWriter:
+    """TensorBoard event files via ``tf.summary`` and ``<workdir>/train_log.jsonl``.
+
+    The JSON-lines log holds one record per logged step (``step``, ``loss``,
+    ``learning_rate``, ``steps_per_sec``, ...), per evaluation (``step``,
+    ``eval``) and per stop (``step``, ``event``): the same numbers as the text
+    log, for scripts and tests. Resuming appends to it. Process 0 writes both.
+    """
+
+    def __init__(self, workdir: str):
         self._writer = None
+        self._log_path = os.path.join(workdir, TRAIN_LOG)
         if jax.process_index() == 0:
             import tensorflow as tf
 
             self._tf = tf
-            self._writer = tf.summary.create_file_writer(logdir)
+            self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def record(self, values: dict[str, Any]) -> None:
+        """Appends one JSON record to the run's ``train_log.jsonl``."""
+        if self._writer is None:
+            return
+        with open(self._log_path, "a") as f:
+            f.write(json.dumps(evaluate_lib.json_safe(values), sort_keys=True) + "\n")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:
@@ -325,24 +286,6 @@ class SummaryWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-class _LibraryInfoFilter:
-    """Drops INFO records of chatty libraries (Orbax, TFDS) from the absl log."""
-
-    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/")
-
-    def filter(self, record) -> bool:
-        return record.levelno > 20 or not any(p in record.pathname for p in self._NOISY)
-
-
-def quiet_library_logs() -> None:
-    """Keeps the log readable: progress lines, not every Orbax write."""
-    import logging as python_logging
-
-    absl_logger = python_logging.getLogger("absl")
-    if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
-        absl_logger.addFilter(_LibraryInfoFilter())
 
 
 def _format_duration(seconds: float) -> str:
@@ -368,25 +311,15 @@ def _save_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
 
 
 def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
-    rng = jax.random.PRNGKey(config.seed)
-    init = jax.jit(functools.partial(create_train_state, task, tx))
     latest = ckpt.latest_step(manager)
     if latest is None:
-        # Initialization runs once: XLA's optimizing backend takes ~10x longer
-        # to compile the random initializers than the unoptimized one needs to
-        # run them (20 s vs 2 s for the default U-Net on a 2-core CPU).
+        rng = jax.random.PRNGKey(config.seed)
+        init = jax.jit(functools.partial(state_lib.create_train_state, task, tx))
+        # Initialization runs once: XLA's optimizing backend compiles the random
+        # initializers for far longer than the unoptimized one needs to run them.
         state = init.lower(rng).compile(compiler_options=FAST_COMPILE)(rng)
     else:
-        replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
-        abstract = ckpt.abstract_like(jax.eval_shape(init, rng), replicated)
-        try:
-            state = ckpt.restore(manager, abstract, latest)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"The checkpoint at step {latest} in {manager.directory} does not match the model "
-                f"built from this config ({e}). Resume with the config the run started with "
-                f"(saved in {ckpt.CONFIG_FILE}), or use a new --workdir."
-            ) from e
+        state = state_lib.restore_state(manager, task, tx, latest)
         logging.info("Resuming from the checkpoint at step %d.", latest)
     return parallelism.put_state(state)
 
@@ -396,15 +329,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the metrics of the final evaluation.
     """
-    from jfcnn import data as data_lib
-    from jfcnn import evaluate as evaluate_lib
-
-    validate(config)
+    tasks.validate_config(config)
+    data_lib.get_spec(config.data.name)  # An unknown data set stops before any file is written.
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     parallelism = get_parallelism(config)
     metadata = data_lib.dataset_metadata(config)
-    task = get_task(config, metadata, axis_name=parallelism.axis_name)
+    task = tasks.get_task(config, metadata, axis_name=parallelism.axis_name)
     tx, schedule = create_optimizer(config)
 
     manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
@@ -415,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = parallelism.compile_step(
         make_train_step(task, tx, schedule, axis_name=parallelism.axis_name)
     )
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(workdir)
     eval_metrics: dict[str, Any] = {}
     num_steps = config.num_train_steps
     logging.info(
@@ -428,19 +359,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.devices()[0].platform,
         parallelism.name,
     )
+    writer.record(
+        {
+            "step": start_step,
+            "event": "start",
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "platform": jax.devices()[0].platform,
+            "parallelism": parallelism.name,
+        }
+    )
 
     def run_eval(step: int) -> dict[str, Any]:
-        state_host = parallelism.unreplicate(state)
-        variables = {"params": state_host.params, **state_host.model_state}
+        variables = parallelism.unreplicate(state).variables()
         result, images = evaluate_lib.run_evaluation(config, task, variables)
         result["step"] = step
         logging.info("eval step %d: %s", step, evaluate_lib.format_metrics(result))
         writer.scalars(step, {f"eval/{k}": v for k, v in result.items()})
         writer.images(step, "eval/input_truth_prediction", images)
+        writer.record({"step": step, "eval": result})
         return result
 
     train_iter: Iterator[dict[str, np.ndarray]] = data_lib.create_train_iterator(
-        config, start_step=start_step
+        config, start_step=start_step, instances=task.needs_instances
     )
     pending: list[tuple[int, dict]] = []
     timer_step, timer_start = start_step, time.perf_counter()
@@ -476,14 +417,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             steps_per_sec * config.batch_size,
             _format_duration(eta) if math.isfinite(eta) else "?",
         )
-        writer.scalars(
-            step,
-            {
-                **{f"train/{k}": v for k, v in mean.items()},
-                "train/steps_per_sec": steps_per_sec,
-                "train/images_per_sec": steps_per_sec * config.batch_size,
-            },
-        )
+        mean.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.batch_size)
+        writer.scalars(step, {f"train/{k}": v for k, v in mean.items()})
+        writer.record({"step": step, **mean})
 
     with PreemptionHandler() as preemption:
         for step in range(start_step, num_steps):
@@ -505,11 +441,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if save_now:
                 ckpt.save(manager, done, parallelism.unreplicate(state))
             if preemption.requested:
+                seconds = time.monotonic() - preemption.requested_at
                 logging.warning(
-                    "Stopped at step %d, %.1f s after SIGTERM; rerun to resume.",
-                    done,
-                    time.monotonic() - preemption.requested_at,
+                    "Stopped at step %d, %.1f s after SIGTERM; rerun to resume.", done, seconds
                 )
+                writer.record({"step": done, "event": "preempted", "seconds_after_signal": seconds})
                 manager.close()
                 writer.close()
                 return {"step": done, "preempted": True}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from jfcnn import evaluate
+from jfcnn.train import TRAIN_LOG
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,12 @@ def _assert_trees_equal(a, b):
     assert tree_a == tree_b
     for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def read_train_log(workdir) -> list[dict]:
+    """The records of ``<workdir>/train_log.jsonl``: logged steps, evaluations, stops."""
+    with open(os.path.join(workdir, TRAIN_LOG)) as f:
+        return [json.loads(line) for line in f]
 
 
 def _checkpoint_steps(workdir) -> list[int]:
@@ -53,11 +59,15 @@ def test_training_writes_checkpoints_logs_and_config(reference_run):
     assert saved["num_train_steps"] == 12 and saved["data"]["image_size"] == 32
     events = os.listdir(os.path.join(workdir, "tensorboard"))
     assert any(name.startswith("events.out.tfevents") for name in events)
-    # Progress lines carry step, loss, throughput and ETA.
-    assert "step 12/12" in result.stderr and "images/s" in result.stderr and "ETA" in result.stderr
-    first_loss = float(result.stderr.split("step 4/12  loss ")[1].split()[0])
-    last_loss = float(result.stderr.split("step 12/12  loss ")[1].split()[0])
-    assert last_loss < first_loss
+    # One record per logged step (log_every_steps=4) and per evaluation (8, 12).
+    log = read_train_log(workdir)
+    progress = [r for r in log if "loss" in r]
+    assert [r["step"] for r in progress] == [4, 8, 12]
+    assert all(r["images_per_sec"] > 0 and r["learning_rate"] > 0 for r in progress)
+    assert progress[-1]["loss"] < progress[0]["loss"]
+    evals = [r for r in log if "eval" in r]
+    assert [r["step"] for r in evals] == [8, 12]
+    assert 0 < evals[-1]["eval"]["mean_iou"] <= 1
 
 
 def test_evaluate_cli_metrics_match_independent_recomputation(runner, reference_run):
@@ -124,7 +134,8 @@ def test_sigterm_saves_current_step_and_resume_is_bit_exact(runner, reference_ru
     stderr = process.stderr.read()
     assert process.returncode == 0, stderr[-3000:]
     stopped_at = _checkpoint_steps(tmp_path)[-1]
-    assert f"Stopped at step {stopped_at}, " in stderr
+    stop = read_train_log(tmp_path)[-1]
+    assert stop["event"] == "preempted" and stop["step"] == stopped_at
     assert stopped_at < 12
     runner.run(tmp_path)
     reference, _ = _load_params(reference_run[0])
@@ -162,20 +173,20 @@ def test_sigterm_is_answered_within_a_few_steps(runner, tmp_path):
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    lines = []
-    for line in process.stderr:  # Until training starts (data and model are ready).
-        lines.append(line)
-        if "Training semantic/" in line:
-            break
-    assert process.poll() is None, "".join(lines[-30:])
+    # config.json is written once the data and the initial state are ready.
+    deadline = time.monotonic() + 300
+    while not os.path.exists(tmp_path / "config.json"):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training did not start within 300 s"
+        time.sleep(0.05)
     time.sleep(25)  # Compile the step, then train (and dispatch) for a while.
     process.send_signal(signal.SIGTERM)
     stderr = process.stderr.read()
     process.wait(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
-    stopped = re.search(r"Stopped at step (\d+), ([\d.]+) s after SIGTERM", stderr)
-    assert stopped, stderr[-3000:]
-    step, seconds = int(stopped.group(1)), float(stopped.group(2))
+    stopped = read_train_log(tmp_path)[-1]
+    assert stopped["event"] == "preempted", stderr[-3000:]
+    step, seconds = stopped["step"], stopped["seconds_after_signal"]
     assert _checkpoint_steps(tmp_path) == [step] and step > 0
     # Two steps in flight and a small checkpoint: about 1.5 s on a quiet machine.
     assert seconds < 8, f"the checkpoint came {seconds} s after SIGTERM, at step {step}"

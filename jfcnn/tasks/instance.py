@@ -1,35 +1,133 @@
-"""COCO box and mask AP of instance predictions, computed by pycocotools.
+"""Instance segmentation: Mask R-CNN, detection losses, COCO box and mask AP.
 
-`CocoEvaluator` collects ground truth and detections batch by batch on the
-host, builds the COCO ground truth and results in memory (masks as RLE) and
-runs ``COCOeval`` for ``"bbox"`` and ``"segm"``. AP is measured at the
-resolution the model sees (the pipeline's S x S images), not at the original
-image resolution, so the area ranges of ``*_AP_small/medium/large`` refer to
-areas in those images.
+``InstanceSegmentationTask`` tells the generic loop in ``jfcnn.train`` what to
+build and how to score it (the ``jfcnn.tasks.Task`` contract);
+``CocoEvaluator`` scores its detections with pycocotools.
+
+Predicting with a trained run, outside training::
+
+    config, task, variables, step = jfcnn.evaluate.load_trained("runs/maskrcnn")
+    detections = jfcnn.tasks.instance.predict(task, variables, images)  # (B, S, S, 3) in [0, 1]
+    detections["masks"]  # (B, D, S, S) uint8, one pasted mask per detection
+
+COCO evaluation (``CocoEvaluator``): ground truth and detections are collected
+batch by batch on the host, turned into a COCO annotation dict and results in
+memory (masks as RLE) and scored by ``COCOeval`` for ``"bbox"`` and
+``"segm"``. AP is measured at the resolution the model sees (the pipeline's
+S x S images), not at the original image resolution, so the area ranges of
+``*_AP_small/medium/large`` refer to areas in those images.
 
 Letters in shapes: B examples per batch, S image side, M ground-truth slots,
 D detection slots, K classes (background included).
-
->>> evaluator = CocoEvaluator(("background", "circle", "square"), num_images=4)
->>> for batch in eval_batches:
-...     evaluator.update(predict(batch), batch)
->>> evaluator.result()["mask_AP"]
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from jfcnn import visualize
+from jfcnn.errors import ConfigError
+from jfcnn.models.maskrcnn import RENAMED_FIELDS, MaskRCNN
+from jfcnn.tasks.base import build_model
+
+# The terms of the training loss, in the order they are logged.
+LOSS_TERMS = ("rpn_objectness", "rpn_box", "classification", "box_regression", "mask")
+# What the evaluator receives of the model's outputs.
+EVAL_OUTPUTS = ("boxes", "scores", "classes", "detection_valid", "masks")
+
+
+def predict(task: InstanceSegmentationTask, variables: Any, images: Any) -> dict[str, jax.Array]:
+    """Detections of ``(B, S, S, 3)`` float images in ``[0, 1]`` (jitted).
+
+    Returns the model's outputs: ``boxes`` (B, D, 4) pixel ``(x1, y1, x2,
+    y2)``, ``scores`` (B, D), ``classes`` (B, D) int32 class ids (see
+    ``task.metadata.class_names``), ``detection_valid`` (B, D) bool, ``masks``
+    (B, D, S, S) uint8 0/1 and ``mask_probs`` (B, D, s, s) per-box mask
+    probabilities.
+    """
+    return _jitted_apply(task.model)(variables, jnp.asarray(images, jnp.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(model: nn.Module):
+    return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+
+
+class InstanceSegmentationTask:
+    """Mask R-CNN trained on boxes, labels and instance masks."""
+
+    name = "instance"
+    # The registry of this task's models: config.model.name -> flax module.
+    models: dict[str, type[nn.Module]] = {"maskrcnn": MaskRCNN}
+    renamed_model_fields = RENAMED_FIELDS  # Old config keys, named in the error.
+    needs_instances = True  # The input pipeline emits boxes, labels and instance masks.
+
+    def __init__(self, config: ml_collections.ConfigDict, metadata: Any, *, axis_name=None):
+        if not getattr(metadata, "has_instances", True):
+            raise ConfigError(
+                f"Data set {metadata.name!r} has no instance annotations; the instance task "
+                "needs boxes, labels and instance masks (e.g. data.name='jfcnn_shapes')."
+            )
+        self.config = config
+        self.metadata = metadata
+        self.num_classes = metadata.num_classes
+        self.model = build_model(config, self.num_classes, self.models, bn_axis_name=axis_name)
+
+    # -- model -------------------------------------------------------------
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        size = self.config.data.image_size
+        dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+        # `initialize` touches every layer without proposals, NMS or ROI Align,
+        # which keeps the one-off initialization graph small.
+        return dict(self.model.init(rng, dummy, method=MaskRCNN.initialize))
+
+    # -- training ----------------------------------------------------------
+    def loss_fn(self, params, model_state, batch, example_keys):
+        """Mean loss over the (local) batch, new model state, and metrics."""
+        variables = {"params": params, **model_state}
+        targets = {
+            key: batch[key] for key in ("boxes", "labels", "instance_masks", "instance_valid")
+        }
+        result = self.model.apply(
+            variables,
+            batch["image"],
+            targets,
+            example_keys,
+            train=True,
+            method=MaskRCNN.losses,
+            mutable=list(model_state),
+        )
+        (losses, stats), new_state = result
+        per_example = sum(losses[term] for term in LOSS_TERMS)
+        metrics = {term: losses[term].mean() for term in LOSS_TERMS}
+        metrics.update({key: value.mean() for key, value in stats.items()})
+        return per_example.mean(), (dict(new_state), metrics)
+
+    # -- evaluation --------------------------------------------------------
+    def eval_step(self, variables, batch) -> dict[str, jax.Array]:
+        outputs = self.model.apply(variables, batch["image"], train=False)
+        return {key: outputs[key] for key in EVAL_OUTPUTS}
+
+    def new_evaluator(self, num_images: int) -> CocoEvaluator:
+        return CocoEvaluator(self.metadata.class_names, num_images)
+
+
+# ---------------------------------------------------------------------------
+# COCO evaluation
 
 # Index of each summary number in COCOeval.stats (see COCOeval.summarize).
 _STATS = {

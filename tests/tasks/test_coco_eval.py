@@ -1,4 +1,4 @@
-"""Tests of jfcnn.coco_eval: COCO AP on hand-built cases and against pycocotools on files."""
+"""COCO AP of jfcnn.tasks.instance.CocoEvaluator: hand-built cases and pycocotools on files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from jfcnn.coco_eval import CocoEvaluator, encode_masks
+from jfcnn.tasks.instance import CocoEvaluator, encode_masks
 
 S = 32
 CLASS_NAMES = ("background", "circle", "square", "triangle")

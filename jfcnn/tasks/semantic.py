@@ -1,8 +1,10 @@
-"""Semantic segmentation task: U-Net model, pixel losses, confusion-matrix evaluation.
+"""Semantic segmentation: U-Net model, pixel losses, confusion-matrix metrics.
 
-A task tells the generic loop in ``jfcnn.train`` what to build and how to score
-it; the loop itself (parallelism, checkpoints, logging) knows nothing of
-segmentation.
+``SemanticSegmentationTask`` tells the generic loop in ``jfcnn.train`` what to
+build and how to score it (the ``jfcnn.tasks.Task`` contract); the loop itself
+(parallelism, checkpoints, logging) knows nothing of segmentation. The metrics
+(mIoU, pixel accuracy, Dice) come from one confusion matrix accumulated over
+the whole split, never from an average of per-batch scores.
 """
 
 from __future__ import annotations
@@ -16,12 +18,62 @@ import ml_collections
 import numpy as np
 import optax
 
-from jfcnn import metrics as metrics_lib
 from jfcnn import visualize
-from jfcnn.models.build import build_model
 from jfcnn.models.unet import UNet
+from jfcnn.tasks.base import build_model
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+
+def confusion_matrix(
+    labels: jax.Array, predictions: jax.Array, num_classes: int, weights: jax.Array | None = None
+) -> jax.Array:
+    """Counts ``(label, prediction)`` pairs; static-shaped, jit-able.
+
+    Args:
+      labels: int array of any shape with values in ``[0, num_classes)``;
+        other values (e.g. an ignore label) are not counted.
+      predictions: int array of the same shape.
+      num_classes: K.
+      weights: optional array broadcastable to ``labels``; 0 excludes a pixel
+        (padded examples of the last evaluation batch).
+
+    Returns:
+      ``(K, K)`` int32 matrix, rows are ground truth, columns predictions.
+    """
+    if weights is not None:
+        weights = jnp.broadcast_to(weights, labels.shape).reshape(-1)
+    labels = jnp.asarray(labels).reshape(-1).astype(jnp.int32)
+    predictions = jnp.asarray(predictions).reshape(-1).astype(jnp.int32)
+    valid = (labels >= 0) & (labels < num_classes)
+    if weights is not None:
+        valid &= weights > 0
+    index = jnp.where(valid, labels * num_classes + predictions, 0)
+    counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[index].add(valid.astype(jnp.int32))
+    return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: np.ndarray) -> dict[str, float | list[float]]:
+    """mIoU, pixel accuracy and Dice from a ``(K, K)`` confusion matrix.
+
+    Classes absent from both ground truth and predictions have no defined IoU;
+    they are reported as NaN in ``per_class_iou`` and left out of the means.
+    """
+    confusion = np.asarray(confusion, np.float64)
+    true_positive = np.diag(confusion)
+    ground_truth = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    union = ground_truth + predicted - true_positive
+    present = union > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(present, true_positive / union, np.nan)
+        dice = np.where(present, 2 * true_positive / (ground_truth + predicted), np.nan)
+    total = confusion.sum()
+    return {
+        "mean_iou": float(np.nanmean(iou)) if present.any() else float("nan"),
+        "pixel_accuracy": float(true_positive.sum() / total) if total else float("nan"),
+        "mean_dice": float(np.nanmean(dice)) if present.any() else float("nan"),
+        "per_class_iou": [float(v) for v in iou],
+        "per_class_dice": [float(v) for v in dice],
+    }
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
@@ -42,7 +94,9 @@ class SemanticSegmentationTask:
     """Per-pixel classification with a U-Net."""
 
     name = "semantic"
-    models = MODELS
+    # The registry of this task's models: config.model.name -> flax module.
+    models: dict[str, type[nn.Module]] = {"unet": UNet}
+    needs_instances = False  # Images and per-pixel labels are all it reads.
 
     def __init__(self, config: ml_collections.ConfigDict, metadata: Any, *, axis_name=None):
         self.config = config
@@ -96,7 +150,7 @@ class SemanticSegmentationTask:
             logits.astype(jnp.float32), batch["mask"]
         ).mean(axis=(1, 2))
         return {
-            "confusion": metrics_lib.confusion_matrix(
+            "confusion": confusion_matrix(
                 batch["mask"], predictions, self.num_classes, weights=valid[:, None, None]
             ),
             "loss_sum": jnp.sum(pixel_ce * valid),
@@ -136,7 +190,7 @@ class SemanticEvaluator:
             )
 
     def result(self) -> dict[str, Any]:
-        result = metrics_lib.segmentation_metrics(self.confusion)
+        result = segmentation_metrics(self.confusion)
         result["loss"] = self.loss_sum / max(self.count, 1.0)
         result["num_examples"] = int(self.count)
         return result

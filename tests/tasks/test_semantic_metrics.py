@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jfcnn import metrics
+from jfcnn.tasks import semantic
 
 
 def _reference_iou(labels, predictions, num_classes):
@@ -21,14 +21,14 @@ def test_confusion_matrix_matches_loop_count():
     expected = np.zeros((4, 4), np.int64)
     for t, p in zip(labels.ravel(), predictions.ravel(), strict=True):
         expected[t, p] += 1
-    np.testing.assert_array_equal(metrics.confusion_matrix(labels, predictions, 4), expected)
+    np.testing.assert_array_equal(semantic.confusion_matrix(labels, predictions, 4), expected)
 
 
 def test_confusion_matrix_weights_and_ignore_label():
     labels = np.array([[0, 1, 255], [1, 1, 0]])
     predictions = np.array([[0, 0, 1], [1, 1, 1]])
     weights = np.array([[1], [0]])  # Second example is padding.
-    confusion = metrics.confusion_matrix(labels, predictions, 2, weights=weights)
+    confusion = semantic.confusion_matrix(labels, predictions, 2, weights=weights)
     np.testing.assert_array_equal(confusion, [[1, 0], [1, 0]])
 
 
@@ -36,7 +36,7 @@ def test_segmentation_metrics_against_mask_reference():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, size=(200,))
     predictions = np.where(rng.random(200) < 0.7, labels, rng.integers(0, 3, size=(200,)))
-    result = metrics.segmentation_metrics(metrics.confusion_matrix(labels, predictions, 3))
+    result = semantic.segmentation_metrics(semantic.confusion_matrix(labels, predictions, 3))
     iou = _reference_iou(labels, predictions, 3)
     np.testing.assert_allclose(result["per_class_iou"], iou)
     assert result["mean_iou"] == pytest.approx(np.mean(iou))
@@ -48,7 +48,7 @@ def test_segmentation_metrics_against_mask_reference():
 def test_absent_class_is_nan_and_left_out_of_the_mean():
     # Hand-computed: class 0 IoU 1/2 (1 hit, union 2), class 1 IoU 1/2, class 2 absent.
     confusion = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
-    result = metrics.segmentation_metrics(confusion)
+    result = semantic.segmentation_metrics(confusion)
     assert np.isnan(result["per_class_iou"][2])
     assert result["per_class_iou"][:2] == [0.5, 0.5]
     assert result["mean_iou"] == 0.5

@@ -1,0 +1,160 @@
+"""The dependency direction: ops <- models <- tasks <- train / evaluate, data beside models.
+
+Two checks. A static one reads every ``import`` statement of every module,
+including the ones inside functions, which is where an import cycle hides.
+A dynamic one imports each module alone in a fresh interpreter and looks at
+what it pulled in (transitively), which also proves each module imports on its
+own, whatever was imported before it.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import jfcnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What each part of jfcnn may import from jfcnn (by module prefix). Every part
+# may import the package itself and the leaf `jfcnn.errors`.
+ALLOWED: dict[str, set[str]] = {
+    "jfcnn.errors": set(),
+    "jfcnn.ops": {"jfcnn.ops"},
+    "jfcnn.models": {"jfcnn.ops", "jfcnn.models"},
+    "jfcnn.visualize": set(),
+    "jfcnn.cli": set(),
+    "jfcnn.config_validation": set(),
+    "jfcnn.data": {"jfcnn.data", "jfcnn.visualize"},
+    "jfcnn.checkpoint": set(),
+    "jfcnn.tasks": {
+        "jfcnn.ops",
+        "jfcnn.models",
+        "jfcnn.tasks",
+        "jfcnn.config_validation",
+        "jfcnn.visualize",
+    },
+    "jfcnn.train_state": {"jfcnn.tasks", "jfcnn.models", "jfcnn.ops", "jfcnn.checkpoint"},
+}
+# The top: everything below it, but evaluation never imports the training loop.
+TOP = {"jfcnn.evaluate": {"jfcnn.train"}, "jfcnn.train": set()}
+# Third-party modules a part must not pull in, even transitively.
+FORBIDDEN_LIBRARIES = {
+    "jfcnn.ops": {"tensorflow", "tensorflow_datasets", "optax", "orbax", "ml_collections"},
+    "jfcnn.models": {"tensorflow", "tensorflow_datasets", "orbax", "ml_collections"},
+    "jfcnn.tasks": {"tensorflow", "tensorflow_datasets", "orbax"},
+}
+
+
+def _modules() -> list[str]:
+    names = ["jfcnn"]
+    for info in pkgutil.walk_packages(jfcnn.__path__, "jfcnn."):
+        names.append(info.name)
+    return sorted(names)
+
+
+def _part(module: str) -> str:
+    for prefix in sorted({**ALLOWED, **TOP}, key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return prefix
+    raise AssertionError(f"{module} belongs to no part of the layout; add it to ALLOWED")
+
+
+def _allowed(module: str, imported: str) -> bool:
+    if imported in ("jfcnn", "jfcnn.errors"):
+        return True
+    importer, target = _part(module), _part(imported)
+    if importer == target:
+        return True
+    if importer in TOP:
+        return target not in TOP[importer]
+    return target in ALLOWED[importer]
+
+
+def _static_imports(module: str) -> list[tuple[str, int]]:
+    """Every jfcnn module named by an import statement of ``module``, with its line."""
+    spec = __import__("importlib").util.find_spec(module)
+    with open(spec.origin) as f:
+        tree = ast.parse(f.read())
+    package = module if spec.origin.endswith("__init__.py") else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.append((base, node.lineno))
+            # `from jfcnn import tasks` names the submodule jfcnn.tasks.
+            found += [(f"{base}.{alias.name}", node.lineno) for alias in node.names]
+    known = set(_modules())
+    return [(name, line) for name, line in found if name in known]
+
+
+MODULES = _modules()
+
+
+def test_every_module_belongs_to_a_part():
+    assert len(MODULES) > 20
+    for module in MODULES[1:]:
+        assert _part(module)  # Raises for a module outside the layout.
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "jfcnn"])
+def test_imports_point_down_even_inside_functions(module):
+    bad = [
+        f"{module}:{line} imports {name}"
+        for name, line in _static_imports(module)
+        if not _allowed(module, name)
+    ]
+    assert not bad, "imports against the dependency direction:\n" + "\n".join(bad)
+
+
+_PROBE = """
+import json, sys
+import importlib
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _fresh_import(module: str) -> list[str] | str:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, module],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        return result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fresh_imports() -> dict[str, list[str] | str]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(MODULES, pool.map(_fresh_import, MODULES), strict=True))
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "jfcnn"])
+def test_each_module_imports_alone_and_pulls_in_only_what_it_may(module, fresh_imports):
+    loaded = fresh_imports[module]
+    assert not isinstance(loaded, str), (
+        f"`import {module}` failed in a fresh interpreter:\n{loaded}"
+    )
+    jfcnn_modules = [m for m in loaded if m == "jfcnn" or m.startswith("jfcnn.")]
+    bad = [m for m in jfcnn_modules if not _allowed(module, m)]
+    assert not bad, f"`import {module}` loads {bad}"
+    forbidden = FORBIDDEN_LIBRARIES.get(_part(module), set())
+    pulled = sorted({m.split(".")[0] for m in loaded} & forbidden)
+    assert not pulled, f"`import {module}` loads {pulled}"
