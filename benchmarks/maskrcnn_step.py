@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import maskrcnn_coco  # noqa: E402
 from jfcnn import train as train_lib  # noqa: E402
-from jfcnn.instance import InstanceSegmentationTask  # noqa: E402
+from jfcnn.tasks.instance import InstanceSegmentationTask  # noqa: E402
+from jfcnn.train_state import create_train_state  # noqa: E402
 
 NUM_CLASSES = 91  # torchvision's COCO head (background + 90 category ids).
 
@@ -112,7 +113,7 @@ def jfcnn_step(args, batch, mask_rois: int):
     task = InstanceSegmentationTask(config, metadata)
     tx, schedule = train_lib.create_optimizer(config)
     rng = jax.random.PRNGKey(0)
-    init = jax.jit(lambda r: train_lib.create_train_state(task, tx, r))
+    init = jax.jit(lambda r: create_train_state(task, tx, r))
     state = init.lower(rng).compile(compiler_options=train_lib.FAST_COMPILE)(rng)
     batch = jax.device_put(batch)
     start = time.perf_counter()

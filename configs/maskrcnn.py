@@ -9,9 +9,12 @@ A small ResNet-18-style backbone (one block per stage, 16 channels) with a
 3-level FPN, and fewer proposals and sampled ROIs than the COCO setting.
 Measured on a quiet 2-core CPU: 1600 steps and four evaluations in 7.8
 minutes (building the data set included), mask AP 0.879 (box AP 0.802) on
-the validation split. Any field can be overridden, e.g.
-`--config.model.mask_head=c4` for the ResNet-C4 mask head (then
-`model.anchor_sizes` needs a single level, see `c4_overrides` below).
+the validation split. Any field can be overridden. The ResNet-C4 ROI heads
+(res5 on 14x14 ROIs of res4, 14x14 masks) instead of the FPN ones need a
+single RPN level, res4, holding all the anchor sizes:
+
+    python train.py --config configs/maskrcnn.py --workdir runs/maskrcnn_c4 \
+        --config.model.roi_heads=c4 --config.model.anchor_sizes='((16, 32, 64, 128),)'
 """
 
 import ml_collections
@@ -26,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     # of jfcnn.models.maskrcnn.MaskRCNN (see its docstring).
     config.model = ml_collections.ConfigDict()
     config.model.name = "maskrcnn"
-    config.model.mask_head = "fpn"  # "fpn" (28x28 masks) or "c4" (res5 head, 14x14 masks).
+    # ROI heads design: "fpn" (28x28 masks) or "c4" (res5 on res4 ROIs, 14x14 masks).
+    config.model.roi_heads = "fpn"
     config.model.depth = 18  # ResNet depth: block type (basic for 18/34) and default stages.
     config.model.stage_sizes = (1, 1, 1, 1)  # Blocks in res2..res5 (None: the depth's).
     config.model.width = 16  # Stem channels (64 in the standard ResNet).
@@ -86,11 +90,3 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 4
     config.num_eval_images = 8  # Pictures written to TensorBoard and eval/.
     return config
-
-
-def c4_overrides() -> dict:
-    """Command-line overrides for the ResNet-C4 variant of this config."""
-    return {
-        "model.mask_head": "c4",
-        "model.anchor_sizes": ((16, 32, 64, 128),),
-    }

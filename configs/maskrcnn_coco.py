@@ -11,7 +11,7 @@ prepare it once with `tfds build coco/2017_panoptic --data_dir=DIR`.
 Trained from scratch with synchronized batch norm (the batch statistics of
 the whole global batch, under `jit` and `pmap` alike) and a large-scale-jitter
 style fixed input size, so every step has the same shapes. The model fields
-are torchvision's `maskrcnn_resnet50_fpn` defaults; `model.mask_head = "c4"`
+are torchvision's `maskrcnn_resnet50_fpn` defaults; `model.roi_heads = "c4"`
 (with `model.anchor_sizes = ((32, 64, 128, 256, 512),)`) gives the ResNet-C4
 variant.
 """
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = maskrcnn.get_config()
 
     model = config.model
-    model.mask_head = "fpn"
+    model.roi_heads = "fpn"
     model.depth = 50
     model.stage_sizes = None  # (3, 4, 6, 3) for ResNet-50.
     model.width = 64

@@ -1,4 +1,4 @@
-"""End-to-end Mask R-CNN: train.py on shrunken configs/maskrcnn.py, both mask heads,
+"""End-to-end Mask R-CNN: train.py on shrunken configs/maskrcnn.py, both ROI heads designs,
 jit and pmap on 8 faked devices against one device, restore and predict."""
 
 from __future__ import annotations
@@ -6,39 +6,32 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import tiny_configs
 
-from jfcnn import evaluate, instance
+from jfcnn import data as data_lib
+from jfcnn import evaluate
+from jfcnn.tasks import instance
+from jfcnn.train import TRAIN_LOG
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# configs/maskrcnn.py shrunk to train a few steps in seconds on 2 CPU cores.
+# configs/maskrcnn.py shrunk to train a few steps in seconds on 2 CPU cores:
+# the tiny model of tests/tiny_configs.py (with the config's batch norm and
+# gather ROI Align), a small data slice and few steps.
 TINY_MASKRCNN = {
     "data.image_size": 64,
     "data.train_split": "train[:32]",
     "data.eval_split": "validation[:8]",
     "data.shuffle_buffer": 32,
-    "model.width": 8,
-    "model.fpn_channels": 16,
-    "model.box_head_dim": 32,
-    "model.mask_head_channels": 8,
-    "model.mask_head_convs": 2,
-    "model.rpn_pre_nms_top_n_train": 64,
-    "model.rpn_post_nms_top_n_train": 64,
-    "model.rpn_pre_nms_top_n_test": 32,
-    "model.rpn_post_nms_top_n_test": 32,
-    "model.rpn_batch_size_per_image": 64,
-    "model.roi_batch_size_per_image": 32,
-    "model.mask_rois_per_image": 8,
-    "model.detections_per_image": 10,
+    **tiny_configs.config_overrides(tiny_configs.MASKRCNN),
     "batch_size": 8,
     "num_train_steps": 4,
     "warmup_steps": 1,
@@ -54,7 +47,21 @@ FPN_RUN = {
     "eval_every_steps": 120,
     "checkpoint_every_steps": 60,
 }
-C4 = {"model.mask_head": "c4", "model.anchor_sizes": "((16, 32, 64),)"}
+C4 = tiny_configs.config_overrides(tiny_configs.MASKRCNN_C4)
+
+
+def _train_log(workdir) -> list[dict]:
+    """The records of ``<workdir>/train_log.jsonl``: start, logged steps, evaluations."""
+    with open(os.path.join(workdir, TRAIN_LOG)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _logged_losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _train_log(workdir) if "loss" in r}
+
+
+def _eval_steps(workdir) -> list[int]:
+    return [r["step"] for r in _train_log(workdir) if "eval" in r]
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +78,24 @@ def fpn_run(maskrcnn, tmp_path_factory):
     return workdir, maskrcnn.run(workdir, **FPN_RUN)
 
 
-def _logged_losses(stderr: str) -> dict[int, float]:
-    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+  loss ([\d.]+)", stderr)}
-
-
 def test_fpn_trains_restores_and_predicts(fpn_run):
-    workdir, result = fpn_run
-    assert "Training instance/maskrcnn for 120 steps" in result.stderr
-    losses = _logged_losses(result.stderr)
+    workdir, _ = fpn_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["task"] == "instance" and saved["model"]["name"] == "maskrcnn"
+    assert saved["num_train_steps"] == 120
+    start = _train_log(workdir)[0]
+    assert start["event"] == "start" and start["step"] == 0
+    # Logged every 40 steps and at each checkpoint (60, 120).
+    losses = _logged_losses(workdir)
     assert sorted(losses) == [40, 60, 80, 120] and losses[120] < losses[40]
-    assert "eval step 120:" in result.stderr
+    assert _eval_steps(workdir) == [120]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["60", "120"]
 
     config, task, variables, step = evaluate.load_trained(str(workdir))
     assert step == 120 and isinstance(task, instance.InstanceSegmentationTask)
-    assert config.model.mask_head == "fpn" and task.model.mask_size == 28
-    from jfcnn import data as data_lib
-
-    batch = next(data_lib.create_eval_iterator(config))
+    assert config.model.roi_heads == "fpn" and task.model.mask_size == 28
+    batch = next(data_lib.create_eval_iterator(config, instances=True))
     out = jax.device_get(instance.predict(task, variables, batch["image"]))
     assert out["masks"].shape == (8, 10, 64, 64) and out["masks"].dtype == np.uint8
     assert out["boxes"].shape == (8, 10, 4) and out["classes"].dtype == np.int32
@@ -110,14 +117,12 @@ def _pycocotools_stats(config, task, variables) -> dict[str, np.ndarray]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from jfcnn import data as data_lib
-
     def rle(mask):
         encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         return {"size": encoded["size"], "counts": encoded["counts"].decode()}
 
     images, annotations, results = [], [], []
-    for batch in data_lib.create_eval_iterator(config):
+    for batch in data_lib.create_eval_iterator(config, instances=True):
         out = jax.device_get(instance.predict(task, variables, batch["image"]))
         for i in np.flatnonzero(batch["valid"]):
             image_id = len(images) + 1
@@ -191,35 +196,40 @@ def test_evaluate_cli_writes_coco_ap_and_pictures(maskrcnn, fpn_run):
 
 
 def test_c4_trains_end_to_end(maskrcnn, tmp_path):
-    result = maskrcnn.run(tmp_path, checkpoint_every_steps=4, **C4)
-    losses = _logged_losses(result.stderr)
+    maskrcnn.run(tmp_path, checkpoint_every_steps=4, **C4)
+    losses = _logged_losses(tmp_path)
     assert sorted(losses) == [2, 4] and all(np.isfinite(list(losses.values())))
-    assert "eval step 4:" in result.stderr
+    evals = [r for r in _train_log(tmp_path) if "eval" in r]
+    assert [r["step"] for r in evals] == [4]
+    assert 0 <= evals[0]["eval"]["mask_AP"] <= 1
+    config, task, _, step = evaluate.load_trained(str(tmp_path))
+    assert step == 4 and config.model.roi_heads == "c4" and task.model.mask_size == 14
 
 
 # Trains a few steps of the shrunken config on one of 8 faked devices, with
 # jit over all 8 and with pmap over all 8, from the same state and batch, and
-# prints the losses and the largest parameter differences as JSON. (Whole
+# writes the losses and the largest parameter differences to a JSON file. (Whole
 # train.py runs on 8 devices are covered by tests/train/test_parallel.py.)
 _PARALLEL_DRIVER = """
-import functools, json, sys
+import ast, functools, json, sys
 import jax, numpy as np
 from configs import maskrcnn
-from jfcnn import data as data_lib, train
+from jfcnn import data as data_lib, tasks, train
+from jfcnn.train_state import create_train_state
 
 config = maskrcnn.get_config()
-config.update_from_flattened_dict(json.loads(sys.argv[1]))
+config.update_from_flattened_dict(ast.literal_eval(sys.argv[1]))
 metadata = data_lib.dataset_metadata(config)
-batch = next(data_lib.create_train_iterator(config))
+batch = next(data_lib.create_train_iterator(config, instances=True))
 rng = jax.random.PRNGKey(config.seed)
 runs = {}
 for name in ("one", "jit", "pmap"):
     config.parallelism = "pmap" if name == "pmap" else "jit"
     parallelism = None if name == "one" else train.get_parallelism(config)
     axis_name = parallelism.axis_name if parallelism else None
-    task = train.get_task(config, metadata, axis_name=axis_name)
+    task = tasks.get_task(config, metadata, axis_name=axis_name)
     tx, schedule = train.create_optimizer(config)
-    init = jax.jit(functools.partial(train.create_train_state, task, tx))
+    init = jax.jit(functools.partial(create_train_state, task, tx))
     state = init.lower(rng).compile(compiler_options=train.FAST_COMPILE)(rng)
     step_fn = train.make_train_step(task, tx, schedule, axis_name=axis_name)
     if parallelism is None:
@@ -244,20 +254,21 @@ for name in ("jit", "pmap"):
     report[name + "_max_rel"] = max(
         float(np.max(np.abs(a - b) / (2e-4 * np.abs(b) + 2e-5))) for a, b in pairs
     )
-print("RESULT " + json.dumps(report))
+with open(sys.argv[2], "w") as f:
+    json.dump(report, f)
 """
 
 PLAIN_SGD = {"optimizer": "sgd", "learning_rate": 0.02, "lr_schedule": "constant"}
 
 
 @pytest.mark.parametrize("overrides", [{}, C4], ids=["fpn", "c4"])
-def test_jit_and_pmap_on_eight_devices_match_one_device(maskrcnn, overrides):
+def test_jit_and_pmap_on_eight_devices_match_one_device(maskrcnn, overrides, tmp_path):
     # SGD: Adam's g / sqrt(v) turns summation-order noise in near-zero gradients
     # into full-size steps, which would hide real differences behind a loose tolerance.
     values = {**TINY_MASKRCNN, "data.data_dir": maskrcnn.data_dir, **overrides, **PLAIN_SGD}
-    values = {k: ast.literal_eval(v) if k == "model.anchor_sizes" else v for k, v in values.items()}
+    assert ast.literal_eval(repr(values)) == values
     result = subprocess.run(
-        [sys.executable, "-c", _PARALLEL_DRIVER, json.dumps(values)],
+        [sys.executable, "-c", _PARALLEL_DRIVER, repr(values), str(tmp_path / "report.json")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -265,7 +276,8 @@ def test_jit_and_pmap_on_eight_devices_match_one_device(maskrcnn, overrides):
         env=maskrcnn.eight_devices,
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    report = json.loads(result.stdout.split("RESULT ", 1)[1])
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
     assert report["devices"] == 8
     losses = report["losses"]
     # Same per-example keys and per-image losses; only the order of sums differs.

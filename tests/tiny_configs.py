@@ -1,0 +1,50 @@
+"""Shrunken model settings shared by the model tests and the end-to-end training tests.
+
+One definition of the tiny Mask R-CNN: the model tests pass it to
+``MaskRCNN(**MASKRCNN)``, the training tests as ``--config.model.x`` overrides
+of ``configs/maskrcnn.py`` (``config_overrides(MASKRCNN)``), so the two
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# A Mask R-CNN small enough to compile and train a few steps in seconds on 2
+# CPU cores: ResNet-18-style with one block per stage and 8 stem channels, a
+# 3-level FPN (plus the pooled P5 for the RPN), and few proposals and ROIs.
+# `norm` and `roi_align` are left to the caller (configs/maskrcnn.py trains
+# with batch norm and the gather ROI Align).
+MASKRCNN: dict[str, Any] = {
+    "depth": 18,
+    "stage_sizes": (1, 1, 1, 1),
+    "width": 8,
+    "fpn_channels": 16,
+    "fpn_in_features": ("res2", "res3", "res4"),
+    "anchor_sizes": ((16,), (32,), (64,), (128,)),
+    "rpn_pre_nms_top_n_train": 64,
+    "rpn_post_nms_top_n_train": 64,
+    "rpn_pre_nms_top_n_test": 32,
+    "rpn_post_nms_top_n_test": 32,
+    "rpn_batch_size_per_image": 64,
+    "roi_batch_size_per_image": 32,
+    "mask_rois_per_image": 8,
+    "box_head_dim": 32,
+    "mask_head_channels": 8,
+    "mask_head_convs": 2,
+    "detections_per_image": 10,
+}
+
+# What turns MASKRCNN into the ResNet-C4 design: the RPN sees res4 alone, so
+# one level holding all the anchor sizes.
+MASKRCNN_C4: dict[str, Any] = {"roi_heads": "c4", "anchor_sizes": ((16, 32, 64),)}
+
+
+def config_overrides(fields: Mapping[str, Any], section: str = "model") -> dict[str, Any]:
+    """``fields`` as ``{"<section>.<name>": value}`` config overrides (``--config.model.x``).
+
+    >>> config_overrides({"width": 8})
+    {'model.width': 8}
+    """
+    return {f"{section}.{name}": value for name, value in fields.items()}
