@@ -122,6 +122,7 @@ def validate_config(
     *,
     tasks: tuple[str, ...] | None = None,
     model_fields: Sequence[str] | None = None,
+    model_choices: Mapping[str, Sequence[Any]] | None = None,
     renamed_model_fields: Mapping[str, str] | None = None,
 ) -> None:
     """Raises ``ConfigError`` naming the first bad key of ``config``.
@@ -131,6 +132,7 @@ def validate_config(
       tasks: the valid values of ``config.task``.
       model_fields: the keyword arguments the task's model accepts (besides
         ``name``); when given, ``config.model`` keys are checked against them.
+      model_choices: model key -> its allowed values (the model's ``FIELD_CHOICES``).
       renamed_model_fields: old model key -> new key, for a clear message when
         a config still uses the old name.
     """
@@ -152,5 +154,8 @@ def validate_config(
             )
     if model_fields is not None:
         schema = {"name": _f(str)}
-        schema.update({k: Field((object,), optional=True) for k in model_fields})
+        choices = model_choices or {}
+        for key in model_fields:
+            allowed = tuple(choices[key]) if key in choices else None
+            schema[key] = Field((object,), choices=allowed, optional=True)
         _check_section(config.model, schema, "model.", required=False)

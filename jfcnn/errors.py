@@ -13,6 +13,8 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem the user can fix; its message names the problem and the fix."""
 
+    exit_code = 1  # The command-line status for this error.
+
 
 class ConfigError(UserError, ValueError):
     """A config key is unknown, missing, ill-typed or out of range."""
@@ -26,8 +28,35 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A work directory has no (or not the requested) checkpoint."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that exists but cannot be used; ``.step`` and ``.path`` name it."""
+
+    def __init__(self, message: str, *, step: int, path: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.path = path
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged: unreadable, truncated, or failing their checksums."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint holds other arrays than the model built from the config; ``.key`` names one."""
+
+    def __init__(self, message: str, *, step: int, path: str, key: str) -> None:
+        super().__init__(message, step=step, path=path)
+        self.key = key
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN/Inf loss, gradient or state."""
+
+
+class TrainingInterrupted(UserError):
+    """A person stopped the run (Ctrl-C); a checkpoint of the current step was saved."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports a Ctrl-C.
 
 
 class MissingDependencyError(UserError, ImportError):

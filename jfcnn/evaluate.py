@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ def run_evaluation(
     The eval step runs under ``jit`` with the batch sharded over all devices,
     whatever parallelism training used.
     """
+    config = _eval_config(config)
     mesh = state_lib.data_mesh()
     data_sharding = state_lib.batch_sharded(mesh)
     variables = jax.device_put(variables, state_lib.replicated(mesh))
@@ -59,6 +61,22 @@ def run_evaluation(
         outputs = jax.device_get(eval_step(variables, device_batch))
         evaluator.update(outputs, batch)
     return evaluator.result(), evaluator.images
+
+
+def _eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with a batch size that splits evenly over this machine's devices.
+
+    A run trained on 8 devices may be evaluated on 3: the batch grows to the
+    next multiple of the device count (the extra examples are padding, marked
+    invalid, so the metrics do not change).
+    """
+    devices = jax.device_count()
+    if config.batch_size % devices == 0:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.batch_size = -(-config.batch_size // devices) * devices
+    return config
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,20 +126,34 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Restores ``workdir``, evaluates it and writes ``<workdir>/eval/``."""
+def evaluate_run(workdir: str, step: int | None = None) -> tuple[dict[str, Any], list]:
+    """Restores ``workdir`` and evaluates it; returns ``(metrics, pictures)``, writes nothing."""
     config, task, variables, restored_step = load_trained(workdir, step)
     metrics, images = run_evaluation(config, task, variables)
     metrics["step"] = restored_step
-    if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, EVAL_DIR)
-        os.makedirs(out_dir, exist_ok=True)
-        for i, image in enumerate(images):
-            visualize.save_png(os.path.join(out_dir, f"example_{i:02d}.png"), image)
-        path = os.path.join(out_dir, "metrics.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(json_safe(metrics), f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+    return metrics, images
+
+
+def write_results(out_dir: str, metrics: dict[str, Any], images: list) -> str:
+    """Writes ``out_dir/metrics.json`` (atomically) and the pictures; returns the JSON's path."""
+    path = os.path.join(out_dir, "metrics.json")
+    if jax.process_index() != 0:
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    for i, image in enumerate(images):
+        visualize.save_png(os.path.join(out_dir, f"example_{i:02d}.png"), image)
+    with open(path + ".tmp", "w") as f:
+        json.dump(json_safe(metrics), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def evaluate_workdir(
+    workdir: str, step: int | None = None, output_dir: str | None = None
+) -> dict[str, Any]:
+    """Restores ``workdir``, evaluates it and writes ``output_dir`` (``<workdir>/eval/``)."""
+    metrics, images = evaluate_run(workdir, step)
+    write_results(output_dir or os.path.join(workdir, EVAL_DIR), metrics, images)
     return metrics
 
 
@@ -129,9 +161,21 @@ def main(argv) -> None:
     del argv
     cli.quiet_library_logs()
     with cli.exit_on_user_error():
-        metrics = evaluate_workdir(FLAGS.workdir, FLAGS.step)
+        metrics, images = evaluate_run(FLAGS.workdir, FLAGS.step)
+    # The metrics are printed before anything is written, so a directory that
+    # cannot be written never costs the evaluation.
     print(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
-    print(f"Wrote {os.path.join(FLAGS.workdir, EVAL_DIR, 'metrics.json')}")
+    out_dir = FLAGS.output or os.path.join(FLAGS.workdir, EVAL_DIR)
+    try:
+        path = write_results(out_dir, metrics, images)
+    except OSError as e:
+        print(
+            f"error: could not write the results to {out_dir} ({e.strerror or e}); the metrics "
+            "are printed above. Pass --output DIR to write them elsewhere.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    print(f"Wrote {path}")
 
 
 if __name__ == "__main__":
@@ -139,5 +183,6 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+    flags.DEFINE_string("output", None, "Directory for metrics.json and pictures (default W/eval).")
     FLAGS = flags.FLAGS
     app.run(main)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,7 +39,8 @@ from jfcnn import data as data_lib
 from jfcnn import evaluate as evaluate_lib
 from jfcnn import tasks
 from jfcnn import train_state as state_lib
-from jfcnn.errors import ConfigError, NonFiniteLossError
+from jfcnn import workdir as workdir_lib
+from jfcnn.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from jfcnn.train_state import TrainState
 
 PMAP_AXIS = "batch"
@@ -84,6 +86,16 @@ def create_optimizer(
 # The step
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """True if every floating-point entry of ``tree`` is finite (a bool scalar)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
 def make_train_step(
     task, tx: optax.GradientTransformation, schedule: optax.Schedule, *, axis_name=None
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -91,8 +103,9 @@ def make_train_step(
 
     With ``axis_name`` the step runs per device under ``pmap`` and averages
     gradients, loss and model state across devices. Either way a step whose
-    loss or gradients are not finite leaves the state unchanged and reports
-    ``finite=False``, so a NaN never reaches the parameters or a checkpoint.
+    loss, gradients or new state (parameters, optimizer and model state) are
+    not all finite leaves the state unchanged and reports ``finite=False``, so
+    a NaN or Inf never reaches the state or a checkpoint.
     """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -120,12 +133,13 @@ def make_train_step(
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        )
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
         )
+        # Every leaf that would replace the old state is checked, not only the
+        # loss and gradients: batch-norm statistics or optimizer moments can
+        # overflow while the loss is still finite.
+        finite = jnp.isfinite(loss) & _all_finite((grads, new_state))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step), finite=finite)
         return new_state, metrics
@@ -209,29 +223,51 @@ def get_parallelism(config: ml_collections.ConfigDict):
 
 
 class PreemptionHandler(contextlib.AbstractContextManager):
-    """Turns SIGTERM into a request to checkpoint and stop after this step."""
+    """Turns SIGTERM and SIGINT into a request to checkpoint and stop after this step.
+
+    SIGTERM is how a preempted cloud VM (or a scheduler) asks a job to stop; a
+    run that answers it saves the current step and exits 0, to be resumed.
+    SIGINT (Ctrl-C) does the same, and the run then exits non-zero: a person
+    stopped it. Further SIGTERMs are ignored, so a second one cannot abort the
+    save; a second Ctrl-C exits at once (Orbax writes each checkpoint into a
+    temporary directory, so an abandoned save leaves none half-written).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self.requested_at = math.nan  # time.monotonic() of the signal.
-        self._previous = None
+        self.signal: int | None = None  # The first signal received.
+        self.requested_at = math.nan  # time.monotonic() of that signal.
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame):
         del frame
-        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-        if not self.requested:
-            self.requested, self.requested_at = True, time.monotonic()
+        if self.signal is None:
+            self.signal, self.requested_at = signum, time.monotonic()
+            logging.warning(
+                "Received %s: saving a checkpoint and stopping.", signal.Signals(signum).name
+            )
+        elif signum == signal.SIGINT:
+            print("error: interrupted twice; exiting without a checkpoint.", file=sys.stderr)
+            os._exit(130)
+        else:
+            logging.warning("Received %s again; still saving.", signal.Signals(signum).name)
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # Not the main thread: leave signals alone.
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -324,17 +360,64 @@ def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
     return parallelism.put_state(state)
 
 
+def _non_finite_message(config, manager, step: int, loss: float) -> str:
+    latest = ckpt.latest_step(manager)
+    saved = (
+        f"the last checkpoint in {manager.directory} (step {latest}) is intact"
+        if latest is not None
+        else "no checkpoint had been written yet"
+    )
+    fixes = ["lower `learning_rate`"]
+    if not config.grad_clip_norm:
+        fixes.append("set `grad_clip_norm`")
+    fixes.append("check the data")
+    return (
+        f"The loss, gradients or new state became NaN/Inf at step {step} (loss={loss}). "
+        f"Training stopped; that step was not applied, and {saved}. "
+        f"To fix: {', '.join(fixes[:-1])} or {fixes[-1]}."
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
-    Returns the metrics of the final evaluation.
+    Everything a user can get wrong (config keys, the data set, the work
+    directory, a run already training there, a directory trained with another
+    model) is checked before any file is written.
+
+    Returns the metrics of the final evaluation (``{"step", "preempted"}`` when
+    SIGTERM stopped the run).
     """
     tasks.validate_config(config)
     data_lib.get_spec(config.data.name)  # An unknown data set stops before any file is written.
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        workdir_lib.prepare(workdir)  # Raises: the work directory is a file.
     parallelism = get_parallelism(config)
-    metadata = data_lib.dataset_metadata(config)
+    metadata = data_lib.dataset_metadata(config)  # Raises if the data set is not prepared.
+    workdir = workdir_lib.prepare(workdir)
+    lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        _check_same_model(workdir, config)
+        return _train(config, workdir, parallelism, metadata)
+
+
+def _check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Stops a resume whose config builds another task or model than the saved run."""
+    path = os.path.join(workdir, ckpt.CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    saved = ckpt.load_config(workdir)
+    before = (saved.get("task"), saved.get("model", {}).get("name"))
+    now = (config.task, config.model.name)
+    if before != now and os.path.isdir(ckpt.checkpoint_dir(workdir)):
+        raise ConfigError(
+            f"{workdir} holds a run of task {before[0]!r} with model {before[1]!r} (see {path}), "
+            f"but this config trains task {now[0]!r} with model {now[1]!r}. Resume it with the "
+            "config it was trained with, or use a new --workdir."
+        )
+
+
+def _train(config, workdir: str, parallelism, metadata) -> dict[str, Any]:
     task = tasks.get_task(config, metadata, axis_name=parallelism.axis_name)
     tx, schedule = create_optimizer(config)
 
@@ -395,12 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = []
         for s, m in fetched:
             if not bool(m["finite"]):
-                raise NonFiniteLossError(
-                    f"The loss or its gradients became NaN/Inf at step {s} (loss={m['loss']}). "
-                    f"Training stopped; the parameters were not updated by that step, and the "
-                    f"last checkpoint in {manager.directory} (step {ckpt.latest_step(manager)}) "
-                    "is intact. Lower `learning_rate`, set `grad_clip_norm`, or check the data."
-                )
+                raise NonFiniteLossError(_non_finite_message(config, manager, s, m["loss"]))
         mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
         mean.pop("finite")
         now = time.perf_counter()
@@ -435,19 +513,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             is_last = done == num_steps
             log_now = done % config.log_every_steps == 0
             eval_now = done % config.eval_every_steps == 0 and not is_last
-            save_now = done % config.checkpoint_every_steps == 0 or is_last or preemption.requested
-            if log_now or eval_now or save_now or is_last:
+            save_now = done % config.checkpoint_every_steps == 0 or is_last
+            if log_now or eval_now or save_now or preemption.requested:
                 flush_metrics(done)
-            if save_now:
+            # Read after the flush: it waits for the device, and a signal that
+            # arrives meanwhile must still get its checkpoint at this step.
+            stop = preemption.requested
+            if save_now or stop:
                 ckpt.save(manager, done, parallelism.unreplicate(state))
-            if preemption.requested:
+            if stop:
+                name = signal.Signals(preemption.signal).name
                 seconds = time.monotonic() - preemption.requested_at
                 logging.warning(
-                    "Stopped at step %d, %.1f s after SIGTERM; rerun to resume.", done, seconds
+                    "Stopped at step %d, %.1f s after %s; rerun to resume.", done, seconds, name
                 )
-                writer.record({"step": done, "event": "preempted", "seconds_after_signal": seconds})
+                writer.record(
+                    {
+                        "step": done,
+                        "event": "preempted",
+                        "signal": name,
+                        "seconds_after_signal": seconds,
+                    }
+                )
                 manager.close()
                 writer.close()
+                if preemption.signal == signal.SIGINT:
+                    raise TrainingInterrupted(
+                        f"Interrupted (Ctrl-C) at step {done}; its checkpoint is saved in "
+                        f"{manager.directory}. Rerun the same command to resume."
+                    )
                 return {"step": done, "preempted": True}
             if eval_now:
                 eval_metrics = run_eval(done)

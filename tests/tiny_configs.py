@@ -1,6 +1,7 @@
 """Shrunken model settings shared by the model tests and the end-to-end training tests.
 
-One definition of the tiny Mask R-CNN: the model tests pass it to
+``UNET_OVERRIDES`` shrinks ``configs/unet.py`` for the training tests. One
+definition of the tiny Mask R-CNN: the model tests pass it to
 ``MaskRCNN(**MASKRCNN)``, the training tests as ``--config.model.x`` overrides
 of ``configs/maskrcnn.py`` (``config_overrides(MASKRCNN)``), so the two
 cannot drift apart.
@@ -10,6 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+# A U-Net run small enough to train a few dozen steps in seconds on 2 CPU cores
+# (``--config.<key>`` overrides of configs/unet.py, on the first examples).
+UNET_OVERRIDES: dict[str, Any] = {
+    "data.image_size": 32,
+    "data.train_split": "train[:64]",
+    "data.eval_split": "validation[:24]",
+    "data.shuffle_buffer": 64,
+    "model.depth": 2,
+    "model.base_width": 8,
+    "batch_size": 8,
+    "num_train_steps": 12,
+    "warmup_steps": 2,
+    "log_every_steps": 4,
+    "eval_every_steps": 8,
+    "checkpoint_every_steps": 4,
+    "num_eval_images": 2,
+}
 
 # A Mask R-CNN small enough to compile and train a few steps in seconds on 2
 # CPU cores: ResNet-18-style with one block per stage and 8 stem channels, a

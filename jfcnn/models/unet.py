@@ -10,7 +10,7 @@ Letters used for shapes:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -135,6 +135,12 @@ class UNet(nn.Module):
     """
 
     num_classes: int
+    # The values a config may give the string fields (checked before a run starts).
+    FIELD_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "norm": NORMS,
+        "dtype": ("float32", "bfloat16", "float16"),
+    }
+
     depth: int = 4
     base_width: int = 64
     up_kernel_size: int = 2

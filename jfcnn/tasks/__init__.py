@@ -52,8 +52,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config,
         tasks=tuple(TASKS),
         model_fields=model_fields(model_cls),
+        model_choices=getattr(model_cls, "FIELD_CHOICES", {}),
         renamed_model_fields=getattr(task_cls, "renamed_model_fields", {}),
     )
+    if hasattr(task_cls, "check_config"):  # What only the task knows (e.g. valid sizes).
+        task_cls.check_config(config)
 
 
 def get_task(config: ml_collections.ConfigDict, metadata: Any, *, axis_name: str | None = None):

@@ -73,6 +73,10 @@ class Task(Protocol):
     def new_evaluator(self, num_images: int) -> Evaluator:
         """An empty evaluator that keeps pictures of ``num_images`` examples."""
 
+    # Optional: ``check_config(cls, config)``, a classmethod that raises
+    # ``ConfigError`` for what only the task knows (e.g. image sizes its models
+    # cannot use); ``jfcnn.tasks.validate_config`` calls it when present.
+
 
 def model_fields(model_cls: type[nn.Module]) -> list[str]:
     """The constructor arguments of ``model_cls`` that a config may set."""

@@ -59,7 +59,30 @@ def predict(task: InstanceSegmentationTask, variables: Any, images: Any) -> dict
     (B, D, S, S) uint8 0/1 and ``mask_probs`` (B, D, s, s) per-box mask
     probabilities.
     """
-    return _jitted_apply(task.model)(variables, jnp.asarray(images, jnp.float32))
+    return _jitted_apply(task.model)(variables, jnp.asarray(check_image_values(images)))
+
+
+def check_image_values(images: Any) -> np.ndarray:
+    """``images`` as a float32 array, or a ValueError/TypeError saying what is wrong.
+
+    The model normalizes inputs in [0, 1]; uint8 pixels (0..255) or other
+    ranges would give no detections without any error. Shapes and sizes are
+    checked by the model itself (``jfcnn.models.maskrcnn.check_images``).
+    """
+    images = np.asarray(images)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise TypeError(
+            f"images must be floats in [0, 1], got dtype {images.dtype}: convert uint8 "
+            "images with `images.astype(np.float32) / 255`."
+        )
+    if images.size:
+        low, high = float(images.min()), float(images.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"images must lie in [0, 1], got values in [{low:g}, {high:g}]"
+                + (": divide 0..255 pixels by 255." if high > 1 else ".")
+            )
+    return images.astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,6 +109,18 @@ class InstanceSegmentationTask:
         self.metadata = metadata
         self.num_classes = metadata.num_classes
         self.model = build_model(config, self.num_classes, self.models, bn_axis_name=axis_name)
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        """Rejects image sizes the model cannot use (see ``MaskRCNN.size_divisor``)."""
+        model = build_model(config, 2, cls.models)
+        size, divisor = config.data.image_size, model.size_divisor
+        if size % divisor:
+            below = max(1, size // divisor) * divisor
+            raise ConfigError(
+                f"Config key `data.image_size` is {size}; this Mask R-CNN needs a multiple of "
+                f"{divisor} (e.g. {below} or {below + divisor})."
+            )
 
     # -- model -------------------------------------------------------------
     def init_variables(self, rng: jax.Array) -> dict[str, Any]:

@@ -222,3 +222,45 @@ def test_missing_checkpoint_gives_clear_error(tmp_path):
     assert result.returncode == 1
     assert "is not a jfcnn work directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _evaluate_cli(workdir, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_evaluate_adapts_its_batch_to_three_devices(reference_run, tmp_path):
+    workdir, _ = reference_run
+    one = _evaluate_cli(workdir, "--output", str(tmp_path / "one"))
+    three_devices = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3",
+    }
+    three = _evaluate_cli(workdir, "--output", str(tmp_path / "three"), env=three_devices)
+    assert one.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
+    metrics = {}
+    for name in ("one", "three"):
+        with open(tmp_path / name / "metrics.json") as f:
+            metrics[name] = json.load(f)
+    # Batch 8 does not split over 3 devices; padding to 9 changes no count.
+    assert metrics["three"]["num_examples"] == metrics["one"]["num_examples"] == 24
+    assert metrics["three"]["mean_iou"] == metrics["one"]["mean_iou"]
+    assert metrics["three"]["pixel_accuracy"] == metrics["one"]["pixel_accuracy"]
+    assert metrics["three"]["loss"] == pytest.approx(metrics["one"]["loss"], rel=1e-5)
+
+
+def test_evaluate_prints_the_metrics_when_it_cannot_write_them(reference_run):
+    workdir, _ = reference_run
+    result = _evaluate_cli(workdir, "--output", "/proc/jfcnn-eval")
+    assert result.returncode == 1
+    printed = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert printed["step"] == 12 and printed["num_examples"] == 24
+    assert 0 < printed["mean_iou"] <= 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/proc/jfcnn-eval" in errors[0] and "--output" in errors[0]
+    assert "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ Letters used for shapes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ from jfcnn.models.maskrcnn.roi_heads import (
     StandardROIHeads,
 )
 from jfcnn.models.maskrcnn.rpn import RPN
-from jfcnn.models.resnet import FEATURE_STRIDES, RESNET_SPECS, ResNet
+from jfcnn.models.resnet import FEATURE_STRIDES, NORMS, RESNET_SPECS, ResNet
 from jfcnn.ops.detection import paste_masks
 
 # Config fields that were renamed: old name -> new name (for config validation's message).
@@ -33,6 +34,28 @@ RENAMED_FIELDS = {"mask_head": "roi_heads"}
 # torchvision's normalization of [0, 1] RGB input (ImageNet statistics).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+def check_images(images: jax.Array, size_divisor: int) -> None:
+    """Rejects (at trace time) images the model was not built for: shape and dtype.
+
+    Values cannot be checked under ``jit``; ``jfcnn.tasks.instance.predict``
+    checks that they lie in [0, 1] before it calls the model.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (B, H, W, 3), got {images.shape}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(
+            f"images must be floats in [0, 1], got dtype {images.dtype}: convert uint8 "
+            "images with `images.astype(np.float32) / 255`."
+        )
+    height, width = images.shape[1:3]
+    if height % size_divisor or width % size_divisor:
+        below = max(1, max(height, width) // size_divisor) * size_divisor
+        raise ValueError(
+            f"images are {height}x{width}; this Mask R-CNN needs sides that are multiples of "
+            f"{size_divisor} (e.g. {below} or {below + size_divisor}): resize or zero-pad them."
+        )
 
 
 class MaskRCNN(nn.Module):
@@ -92,6 +115,14 @@ class MaskRCNN(nn.Module):
       dtype: computation dtype (losses and box arithmetic stay float32).
       bn_axis_name: cross-device axis of ``norm="batch"`` statistics.
     """
+
+    # The values a config may give the string fields (checked before a run starts).
+    FIELD_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "roi_heads": tuple(ROI_HEADS),
+        "roi_align": ROI_ALIGN_MODES,
+        "norm": NORMS,
+        "dtype": ("float32", "bfloat16", "float16"),
+    }
 
     num_classes: int = 91
     roi_heads: str = "fpn"
@@ -222,14 +253,23 @@ class MaskRCNN(nn.Module):
         )
 
     @property
+    def size_divisor(self) -> int:
+        """Image sides must be multiples of this: the stride of the coarsest map.
+
+        Other sizes misalign the up-sampled FPN levels with the maps they are
+        added to (and C4's res4 grid with the pixels), which silently costs
+        recall, so they are rejected.
+        """
+        return 16 if self.roi_heads == "c4" else 32
+
+    @property
     def mask_size(self) -> int:
         """Side ``S`` of the predicted masks (28 for ``"fpn"``, 14 for ``"c4"`` by default)."""
         return self._roi_heads_class().output_mask_size(self.mask_pool_size)
 
     def _features(self, images: jax.Array, train: bool) -> tuple[list, list]:
         """``(rpn_maps, pool_maps)``: maps the RPN runs on and maps ROI Align reads."""
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must have shape (B, H, W, 3), got {images.shape}.")
+        check_images(images, self.size_divisor)
         mean = jnp.asarray(IMAGE_MEAN, jnp.float32)
         std = jnp.asarray(IMAGE_STD, jnp.float32)
         x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
