@@ -5,7 +5,9 @@ feature map; `multilevel_roi_align` first assigns each box to a level of a
 feature pyramid (FPN, `fpn_levels`) and pools from that level. Both are pure
 functions that run under `jit`, `vmap` and `grad`, and both are
 differentiable with respect to the features and the box coordinates
-(reverse mode).
+(reverse mode). A box with a NaN or infinite coordinate pools zeros with
+zero gradients in every form; `roi_align`'s `index_mode` says what image
+indices out of range do (clamped by default).
 
 Two forms compute the same values:
 

@@ -8,7 +8,8 @@ summed bilinear sample weights, built from the same sample geometry
 (`_geometry`). The work is `B * N * PH * H * W * C` multiply-adds whatever the
 box sizes, and the feature gradient is two more matrix products; this suits
 matrix units and small maps (tens of pixels a side). Neither form is
-differentiable with respect to the boxes.
+differentiable with respect to the boxes. A box with a NaN or infinite
+coordinate pools zeros with a zero feature gradient, as in the gather form.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from jfcnn.ops.roi_align._geometry import (
     check_pyramid,
     fpn_levels,
     grid_count,
+    kept_boxes,
 )
 
 
@@ -79,11 +81,14 @@ def _dense_pool(features_bhwc, boxes_bn4, output_size, box_weight_bn, **kwargs):
     ph, pw = pair(output_size, "output_size", minimum=1)
     dtype = features_bhwc.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
-    boxes_bn4 = boxes_bn4.astype(acc)
+    # Boxes with a non-finite coordinate get weight 0 (their weights stay
+    # finite, so the product is 0, not NaN).
+    boxes_bn4, kept_bn = kept_boxes(boxes_bn4.astype(acc))
+    kept_bn = kept_bn.astype(acc)
+    box_weight_bn = kept_bn if box_weight_bn is None else box_weight_bn * kept_bn
     wy_bnph = _align_weights(boxes_bn4[..., 1], boxes_bn4[..., 3], h, ph, **kwargs)
     wx_bnqw = _align_weights(boxes_bn4[..., 0], boxes_bn4[..., 2], w, pw, **kwargs)
-    if box_weight_bn is not None:
-        wy_bnph = wy_bnph * box_weight_bn[..., None, None]
+    wy_bnph = wy_bnph * box_weight_bn[..., None, None]
     wy_bnph, wx_bnqw = wy_bnph.astype(dtype), wx_bnqw.astype(dtype)
     rows_bnpwc = jnp.einsum("bnph,bhwc->bnpwc", wy_bnph, features_bhwc, preferred_element_type=acc)
     return jnp.einsum(
@@ -111,7 +116,8 @@ def roi_align_dense(
     and the gradient is two more matrix products, with no gather or scatter,
     which suits matrix units; the work grows with the map size, so it is for
     small maps (tens of pixels a side). Not differentiable with respect to
-    ``boxes`` (pass constants).
+    ``boxes`` (pass constants). A box with a NaN or infinite coordinate pools
+    zeros with a zero feature gradient, as in ``roi_align``.
 
     Args:
       features: ``(B, H, W, C)`` feature maps.

@@ -33,9 +33,18 @@ def roi_align(
     sampling_ratio: int = 2,
     aligned: bool = True,
     box_indices: jax.Array | None = None,
+    index_mode: str = "clip",
     max_sampling_ratio: int = 8,
 ) -> jax.Array:
     """Pools a `(PH, PW)` grid of bilinearly sampled features from each box.
+
+    A box with a NaN or infinite coordinate pools zeros, with zero gradients
+    for the features and the box. In the flat form, `box_indices` outside
+    `[0, B)` are clamped by default (`index_mode="clip"`: index 5 of a batch
+    of 2 reads image 1, as JAX indexing does); `index_mode="fill"` pools zeros
+    for them, with zero gradients, and `index_mode="raise"` raises ValueError
+    where `box_indices` are concrete (under `jit` or `vmap`, where they are
+    traced and cannot be checked, it fills).
 
     Semantics are exactly those of `torchvision.ops.roi_align` (equivalently
     ONNX `RoiAlign` in average mode and detectron2's `ROIAlign`):
@@ -81,8 +90,7 @@ def roi_align(
 
     The batched forms pool all boxes in one call, which is faster than
     `jax.vmap` over images (that works too, but in the adaptive mode evaluates
-    every patch size the run-time switch could pick). Image indices outside
-    `[0, B)` are clamped, as JAX indexing does.
+    every patch size the run-time switch could pick).
 
     Args:
       features: `(H, W, C)` or `(B, H, W, C)` feature map(s), NHWC.
@@ -99,6 +107,11 @@ def roi_align(
         call that leaves it unset. (`multilevel_roi_align` defaults to False,
         as torchvision's `MultiScaleRoIAlign`.)
       box_indices: `(K,)` integer image index of each box, for the flat form.
+      index_mode: what a `box_indices` entry outside `[0, B)` does, as
+        `jnp.take`'s `mode`: "clip" (the default) reads the nearest image,
+        "fill" pools zeros with zero gradients, "raise" raises ValueError
+        naming the first bad index when `box_indices` is concrete and fills
+        when it is traced. Ignored by the other forms.
       max_sampling_ratio: cap on the adaptive sample count per bin axis.
 
     Returns:
@@ -106,9 +119,10 @@ def roi_align(
 
     Raises:
       ValueError: on a wrong rank, a last box dimension other than 4,
-        mismatched batch sizes, or an `output_size` that is not a positive int
-        or pair of ints; TypeError on non-integer `box_indices` or
-        non-floating inputs.
+        mismatched batch sizes, an `output_size` that is not a positive int
+        or pair of ints, an unknown `index_mode`, or (with
+        `index_mode="raise"`) concrete `box_indices` outside `[0, B)`;
+        TypeError on non-integer `box_indices` or non-floating inputs.
 
     Example:
 
@@ -120,12 +134,24 @@ def roi_align(
     (1, 2, 2, 1)
     >>> out[0, :, :, 0].tolist()  # samples at (0.5, 0.5), (0.5, 1.5), ...
     [[2.5, 3.5], [6.5, 7.5]]
+
+    Bad boxes and image indices:
+
+    >>> batch = jnp.stack([features, features + 100.0])  # B = 2
+    >>> boxes = jnp.array([[0.5, 0.5, 2.5, 2.5], [0.5, 0.5, jnp.inf, 2.5]])
+    >>> roi_align(batch, boxes, 1, sampling_ratio=1, box_indices=jnp.array([5, 0]))[:, 0, 0, 0]
+    Array([105.,   0.], dtype=float32)
+    >>> roi_align(batch, boxes, 1, sampling_ratio=1, box_indices=jnp.array([5, 0]),
+    ...           index_mode="fill")[:, 0, 0, 0]
+    Array([0., 0.], dtype=float32)
     """
     output_size = pair(output_size, "output_size", minimum=1)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     max_sampling_ratio = check_int("max_sampling_ratio", max_sampling_ratio)
     if max_sampling_ratio < 1:
         raise ValueError(f"max_sampling_ratio must be >= 1, got {max_sampling_ratio}")
+    if index_mode not in _INDEX_MODES:
+        raise ValueError(f"index_mode must be one of {_INDEX_MODES}, got {index_mode!r}")
     features = jnp.asarray(features)
     boxes = jnp.asarray(boxes)
     if not jnp.issubdtype(features.dtype, jnp.floating):
@@ -160,6 +186,8 @@ def roi_align(
                     f"flat form needs boxes (K, 4) and box_indices (K,), got boxes {boxes.shape} "
                     f"and box_indices {box_indices.shape}"
                 )
+            if index_mode == "raise" and not isinstance(box_indices, jax.core.Tracer):
+                _check_indices(np.asarray(box_indices), features.shape[0])
     else:
         raise ValueError(f"features must be (H, W, C) or (B, H, W, C), got shape {features.shape}")
     if min(features.shape[-3:-1]) < 1:
@@ -173,13 +201,28 @@ def roi_align(
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         max_sampling_ratio=max_sampling_ratio,
+        fill=index_mode != "clip",
     )
+
+
+_INDEX_MODES = ("clip", "fill", "raise")
+
+
+def _check_indices(indices: np.ndarray, batch: int) -> None:
+    bad = np.flatnonzero((indices < 0) | (indices >= batch))
+    if bad.size:
+        k = bad[0]
+        raise ValueError(
+            f"box_indices[{k}] = {indices[k]} is outside [0, {batch}) for a batch of {batch} "
+            f"images ({bad.size} of {indices.size} indices out of range)"
+        )
 
 
 # Jitted here so that calls outside `jit` compile once instead of dispatching
 # every small op; inside a caller's `jit` it is simply inlined.
 @functools.partial(
-    jax.jit, static_argnames=("output_size", "sampling_ratio", "aligned", "max_sampling_ratio")
+    jax.jit,
+    static_argnames=("output_size", "sampling_ratio", "aligned", "max_sampling_ratio", "fill"),
 )
 def _roi_align_impl(
     features,
@@ -191,7 +234,9 @@ def _roi_align_impl(
     sampling_ratio,
     aligned,
     max_sampling_ratio,
+    fill,
 ):
+    keep = None
     if features.ndim == 3:
         canvas, image, out_shape = (
             features[None],
@@ -202,14 +247,18 @@ def _roi_align_impl(
         b, n = boxes.shape[:2]
         canvas, image, out_shape = features, jnp.repeat(jnp.arange(b, dtype=jnp.int32), n), (b, n)
     else:
-        # The gathers promise in-bounds indices, so clamp like JAX indexing.
+        # The gathers promise in-bounds indices, so clamp like JAX indexing
+        # even where the box is masked out.
         image = jnp.clip(box_indices, 0, features.shape[0] - 1).astype(jnp.int32)
+        if fill:
+            keep = image == box_indices
         canvas, out_shape = features, boxes.shape[:1]
     _, h, w, c = canvas.shape
     out = roi_align_flat(
         canvas,
         image,
         boxes.reshape(-1, 4),
+        keep=keep,
         scale=spatial_scale,
         level_h=h,
         level_w=w,
@@ -245,6 +294,8 @@ def multilevel_roi_align(
     All shapes are static: the levels are laid out one below the other on one
     zero-padded canvas per image and every box is pooled in a single call, so
     the cost is that of one `roi_align` over all boxes, not one per level.
+    A box with a NaN or infinite coordinate pools zeros, with zero gradients,
+    as in `roi_align`.
 
     Shapes: `B` images, `N` boxes per image, level `l` of size `Hl x Wl`, `C`
     channels, `PH x PW` output grid.

@@ -1,6 +1,8 @@
 """ROI Align geometry shared by both forms: sample positions, counts, FPN levels.
 
-The sample geometry is computed per box and per axis, following the
+Both forms first pass the boxes through `kept_boxes`, which swaps every box
+with a non-finite coordinate for a zero box and masks it out, so that it
+pools zeros with zero gradients. The sample geometry is computed per box and per axis, following the
 torchvision CPU kernel operation by operation, so that the gather form
 (`_kernel`) and the dense form (`_dense`) place their samples, and floor them,
 exactly alike. The FPN level rule and the pyramid checks are shared by
@@ -16,6 +18,30 @@ import jax.numpy as jnp
 from jax import lax
 
 from jfcnn.ops._util import check_int
+
+
+def kept_boxes(boxes: jax.Array, keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Boxes safe to pool, and which of them pool at all.
+
+    A box with a NaN or infinite coordinate (or with `keep` False) is replaced
+    by the zero box: its sample positions and weights then stay finite, so
+    masking its samples gives zeros forward and zero gradients backward,
+    where `0 * inf` and `inf - inf` would have given NaN. The `where` also
+    sends a zero gradient to the box itself. Finite kept boxes pass through
+    unchanged, so their values and gradients are exactly those without it.
+
+    Args:
+      boxes: `(..., 4)` boxes.
+      keep: optional `(...)` bool; False masks a box out as well.
+
+    Returns:
+      `(boxes, kept)`: `(..., 4)` boxes with the masked ones zeroed, and the
+      `(...)` bool mask of the boxes that pool.
+    """
+    kept = jnp.all(jnp.isfinite(boxes), axis=-1)
+    if keep is not None:
+        kept = kept & keep
+    return jnp.where(kept[..., None], boxes, jnp.zeros((), boxes.dtype)), kept
 
 
 def axis_samples(

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jfcnn.ops.roi_align._geometry import axis_samples, grid_count
+from jfcnn.ops.roi_align._geometry import axis_samples, grid_count, kept_boxes
 
 # ----------------------------------------------------------------------------
 # Per-bin patch weights from the samples of one box along one axis.
@@ -356,6 +356,7 @@ def roi_align_flat(
     level_w: jax.Array | int,
     row_offset: jax.Array | int = 0,
     col_offset: jax.Array | int = 0,
+    keep: jax.Array | None = None,
     cap_y: int,
     cap_x: int,
     output_size: tuple[int, int],
@@ -369,11 +370,13 @@ def roi_align_flat(
     `(row_offset, col_offset)` of canvas image `image[k]` (each a scalar or
     `(K,)`); `cap_y` and `cap_x` bound the map sizes. A patch may run past the
     map (with zero weights) by up to `patch_extent(...)` rows and columns,
-    which must stay inside the canvas.
+    which must stay inside the canvas. Boxes with a non-finite coordinate, and
+    those where the optional `(K,)` bool `keep` is False, pool zeros with zero
+    gradients.
     """
     ph, pw = output_size
     acc_dtype = jnp.promote_types(canvas.dtype, jnp.float32)
-    boxes = boxes.astype(acc_dtype)
+    boxes, kept = kept_boxes(boxes.astype(acc_dtype), keep)
     max_grid = sampling_ratio if sampling_ratio > 0 else max_sampling_ratio
     shape_k = boxes.shape[:1]
     scale = jnp.broadcast_to(jnp.asarray(scale, acc_dtype), shape_k)
@@ -382,17 +385,21 @@ def roi_align_flat(
     row_offset = jnp.broadcast_to(jnp.asarray(row_offset, jnp.int32), shape_k)
     col_offset = jnp.broadcast_to(jnp.asarray(col_offset, jnp.int32), shape_k)
 
-    def one_box(box, scale, h, w):
+    def one_box(box, kept, scale, h, w):
         # Pixel centres sit at integer + 0.5 in image coordinates.
         x1, y1, x2, y2 = box * scale - (0.5 if aligned else 0.0)
         grid_y = grid_count(y2 - y1, ph, sampling_ratio, max_sampling_ratio, aligned)
         grid_x = grid_count(x2 - x1, pw, sampling_ratio, max_sampling_ratio, aligned)
-        sy = axis_samples(y1, y2, h, ph, grid_y, max_grid, aligned)
-        sx = axis_samples(x1, x2, w, pw, grid_x, max_grid, aligned)
+        # A masked box keeps its (finite) taps with no valid sample: zero
+        # weights, so zero values and gradients, and no patch to fit.
+        *taps_y, valid_y = axis_samples(y1, y2, h, ph, grid_y, max_grid, aligned)
+        *taps_x, valid_x = axis_samples(x1, x2, w, pw, grid_x, max_grid, aligned)
+        sy = (*taps_y, valid_y * kept.astype(acc_dtype))
+        sx = (*taps_x, valid_x * kept.astype(acc_dtype))
         count = jnp.maximum(grid_y * grid_x, 1).astype(acc_dtype)
         return sy, sx, count
 
-    samples_y, samples_x, count = jax.vmap(one_box)(boxes, scale, level_h, level_w)
+    samples_y, samples_x, count = jax.vmap(one_box)(boxes, kept, scale, level_h, level_w)
     # The smallest layout whose blocks hold every bin's samples: contiguous
     # layouts grow monotonically, so its index is the number that are too small.
     need_y = jnp.max(_support(samples_y[0], samples_y[1], samples_y[3]), initial=0)
