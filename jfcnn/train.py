@@ -347,16 +347,17 @@ def _save_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
 
 
 def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
-    latest = ckpt.latest_step(manager)
-    if latest is None:
+    # The newest intact checkpoint: a damaged one is named, moved aside (never
+    # deleted) and the one before it is used.
+    state = state_lib.restore_latest_intact(manager, task, tx)
+    if state is None:
         rng = jax.random.PRNGKey(config.seed)
         init = jax.jit(functools.partial(state_lib.create_train_state, task, tx))
         # Initialization runs once: XLA's optimizing backend compiles the random
         # initializers for far longer than the unoptimized one needs to run them.
         state = init.lower(rng).compile(compiler_options=FAST_COMPILE)(rng)
     else:
-        state = state_lib.restore_state(manager, task, tx, latest)
-        logging.info("Resuming from the checkpoint at step %d.", latest)
+        logging.info("Resuming from the checkpoint at step %d.", int(state.step))
     return parallelism.put_state(state)
 
 

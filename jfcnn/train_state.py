@@ -7,7 +7,9 @@ restore states here, so there is one abstract target and one device mesh:
   run needs to continue bit-exactly where it stopped;
 - ``data_mesh()``: the 1-D ``data`` mesh of all devices, with
   ``replicated()`` and ``batch_sharded()`` shardings on it;
-- ``restore_state(...)``: the whole state for resuming training;
+- ``restore_state(...)``: the whole state at one step;
+  ``restore_latest_intact(...)``: the newest checkpoint that verifies, moving
+  damaged ones aside, for resuming training;
   ``restore_variables(...)``: only what ``model.apply`` needs, for evaluation
   and prediction (no optimizer is built and its state is never read).
 
@@ -17,6 +19,7 @@ on the current devices, so a run written on 8 devices restores on 1.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import flax
@@ -25,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jfcnn import checkpoint as ckpt
-from jfcnn.errors import UserError
+from jfcnn.errors import CorruptCheckpointError
 from jfcnn.tasks.base import Task
 
 DATA_AXIS = "data"
@@ -87,6 +91,13 @@ def batch_sharded(mesh: Mesh | None = None) -> NamedSharding:
 # Restoring
 
 
+def _abstract_state(
+    task: Task, tx: optax.GradientTransformation, sharding: jax.sharding.Sharding | None
+) -> TrainState:
+    init = lambda rng: create_train_state(task, tx, rng)
+    return ckpt.abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), sharding or replicated())
+
+
 def restore_state(
     manager: ocp.CheckpointManager,
     task: Task,
@@ -97,19 +108,75 @@ def restore_state(
 ) -> TrainState:
     """The whole train state at ``step`` (latest if None), on this machine's devices.
 
+    Every array is verified against the checksums saved with it.
+
     Raises:
       CheckpointNotFoundError: no checkpoint (or none at ``step``).
-      UserError: the checkpoint does not fit the model and optimizer of
-        ``task``/``tx`` (a different config).
+      CheckpointMismatchError: the checkpoint does not fit the model and
+        optimizer of ``task``/``tx`` (a different config).
+      CorruptCheckpointError: the checkpoint is damaged.
     """
-    init = lambda rng: create_train_state(task, tx, rng)
-    abstract = ckpt.abstract_like(
-        jax.eval_shape(init, jax.random.PRNGKey(0)), sharding or replicated()
+    return ckpt.restore(manager, _abstract_state(task, tx, sharding), step)
+
+
+def restore_latest_intact(
+    manager: ocp.CheckpointManager,
+    task: Task,
+    tx: optax.GradientTransformation,
+    *,
+    quarantine: bool = True,
+    sharding: jax.sharding.Sharding | None = None,
+) -> TrainState | None:
+    """The newest checkpoint that restores and verifies, or None if there is none.
+
+    Checkpoints are tried newest first. A damaged one is named in a WARNING
+    and, with ``quarantine``, moved to ``<workdir>/checkpoints_damaged/<step>-<unix
+    time>/`` (never deleted) once an older one has restored: out of
+    ``checkpoints/``, Orbax neither lists it again nor garbage-collects or
+    overwrites it when training reaches its step again.
+
+    Raises:
+      CheckpointMismatchError: at once (no older checkpoint is tried, nothing
+        is moved), if a checkpoint does not fit the model of ``task``/``tx``.
+      CorruptCheckpointError: every checkpoint is damaged; nothing is moved.
+    """
+    abstract = _abstract_state(task, tx, sharding)
+    damaged: list[CorruptCheckpointError] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = ckpt.restore(manager, abstract, step)
+        except CorruptCheckpointError as e:
+            logging.warning("%s Trying the next older checkpoint, if any.", e)
+            damaged.append(e)
+            continue
+        for error in damaged:
+            if quarantine:
+                moved = ckpt.move_aside(manager, error.step, time.time())
+                logging.warning(
+                    "Moved the damaged checkpoint of step %d to %s; resuming from step %d.",
+                    error.step,
+                    moved,
+                    step,
+                )
+            else:
+                logging.warning(
+                    "Skipped the damaged checkpoint of step %d; resuming from step %d.",
+                    error.step,
+                    step,
+                )
+        return state
+    if not damaged:
+        return None
+    steps = [e.step for e in damaged]
+    raise CorruptCheckpointError(
+        f"All {len(damaged)} checkpoints in {manager.directory} (steps {sorted(steps)}) are "
+        "damaged, so the run cannot resume:\n"
+        + "\n".join(f"  - {e}" for e in damaged)
+        + "\nNothing was moved or deleted. Restore the directory from a backup, or start "
+        "again with a new --workdir.",
+        step=damaged[0].step,
+        path=damaged[0].path,
     )
-    try:
-        return ckpt.restore(manager, abstract, step)
-    except (ValueError, KeyError, TypeError) as e:
-        raise _mismatch(manager, step, e) from e
 
 
 def restore_variables(
@@ -123,7 +190,14 @@ def restore_variables(
 
     ``variables`` is ``{"params": ..., **model_state}`` for ``task.model.apply``,
     replicated with ``sharding`` (all devices by default). The optimizer state
-    is not read.
+    is not read; the arrays read are verified against their checksums. Nothing
+    on disk is changed (evaluation may run beside a training run).
+
+    Raises:
+      CheckpointNotFoundError: no checkpoint (or none at ``step``).
+      CheckpointMismatchError: the checkpoint does not fit the model of ``task``.
+      CorruptCheckpointError: the checkpoint is damaged; the message lists the
+        other steps to pass as ``--step``.
     """
     shapes = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))
     shapes = dict(shapes)
@@ -134,16 +208,13 @@ def restore_variables(
     )
     try:
         restored = ckpt.restore_subtree(manager, abstract, step)
-    except (ValueError, KeyError, TypeError) as e:
-        raise _mismatch(manager, step, e) from e
+    except CorruptCheckpointError as e:
+        others = [s for s in sorted(manager.all_steps(), reverse=True) if s != e.step]
+        hint = (
+            "Evaluate another checkpoint with " + " or ".join(f"--step {s}" for s in others) + "."
+            if others
+            else "There is no other checkpoint in this work directory."
+        )
+        raise CorruptCheckpointError(f"{e} {hint}", step=e.step, path=e.path) from e
     variables = {"params": restored["params"], **restored["model_state"]}
     return variables, int(restored["step"])
-
-
-def _mismatch(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> UserError:
-    shown = step if step is not None else ckpt.latest_step(manager)
-    return UserError(
-        f"The checkpoint at step {shown} in {manager.directory} does not match the model "
-        f"built from this config ({error}). Resume with the config the run started with "
-        f"(saved in {ckpt.CONFIG_FILE}), or use a new --workdir."
-    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,3 +265,38 @@ def test_evaluate_prints_the_metrics_when_it_cannot_write_them(reference_run):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "/proc/jfcnn-eval" in errors[0] and "--output" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_resume_skips_a_damaged_checkpoint_and_stays_bit_exact(runner, reference_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    # Flip 64 bytes in the middle of the largest data file of the latest checkpoint.
+    files = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(workdir / "checkpoints" / "12" / "state")
+        for name in names
+    ]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    result = subprocess.run(
+        [sys.executable, "-m", "jfcnn.evaluate", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "step 12" in errors[0] and "damaged" in errors[0]
+    assert "--step 8" in errors[0]
+
+    runner.run(workdir)  # Resumes from step 8, the newest intact checkpoint.
+    damaged = os.listdir(workdir / "checkpoints_damaged")
+    assert len(damaged) == 1 and damaged[0].startswith("12-")
+    reference, _ = _load_params(reference_run[0])
+    resumed, step = _load_params(workdir)
+    assert step == 12
+    _assert_trees_equal(resumed, reference)
