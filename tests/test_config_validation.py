@@ -1,7 +1,6 @@
 """Config validation: every shipped config is valid and builds; bad keys are named."""
 
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny_configs
 
 from jfcnn import data as data_lib
 from jfcnn import tasks
@@ -22,15 +22,7 @@ SHIPPED = sorted(
 )
 
 
-def load_config(name: str):
-    sys.path.insert(0, ROOT)
-    try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(ROOT)
-    return module.get_config()
+load_config = tiny_configs.shipped_config
 
 
 def test_every_config_file_is_covered():

@@ -9,8 +9,13 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A U-Net run small enough to train a few dozen steps in seconds on 2 CPU cores
 # (``--config.<key>`` overrides of configs/unet.py, on the first examples).
@@ -67,3 +72,16 @@ def config_overrides(fields: Mapping[str, Any], section: str = "model") -> dict[
     {'model.width': 8}
     """
     return {f"{section}.{name}": value for name, value in fields.items()}
+
+
+def shipped_config(name: str):
+    """``get_config()`` of ``configs/<name>`` (configs import each other as ``configs.x``)."""
+    sys.path.insert(0, ROOT)
+    try:
+        path = os.path.join(ROOT, "configs", name)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(ROOT)
+    return module.get_config()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,20 +53,9 @@ def test_predict_rejects_pixels_in_0_255():
     np.testing.assert_array_equal(checked, ok.astype(np.float32))
 
 
-def _config(name: str):
-    sys.path.insert(0, ROOT)
-    try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(ROOT)
-    return module.get_config()
-
-
 @pytest.mark.parametrize("size, ok", [(100, False), (130, False), (96, True), (128, True)])
 def test_config_image_size_must_fit_the_model(size, ok):
-    config = _config("maskrcnn.py")
+    config = tiny_configs.shipped_config("maskrcnn.py")
     config.data.image_size = size
     if ok:
         tasks.validate_config(config)
