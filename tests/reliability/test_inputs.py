@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +12,6 @@ from jfcnn import tasks
 from jfcnn.errors import ConfigError
 from jfcnn.models.maskrcnn import MaskRCNN
 from jfcnn.tasks import instance
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
