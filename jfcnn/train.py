@@ -391,8 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     tasks.validate_config(config)
     data_lib.get_spec(config.data.name)  # An unknown data set stops before any file is written.
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        workdir_lib.prepare(workdir)  # Raises: the work directory is a file.
+    workdir_lib.check(workdir)  # Before the data set is built; creates nothing.
     parallelism = get_parallelism(config)
     metadata = data_lib.dataset_metadata(config)  # Raises if the data set is not prepared.
     workdir = workdir_lib.prepare(workdir)

@@ -29,16 +29,22 @@ class WorkdirError(UserError):
     """The work directory cannot be used: not a directory, not writable, or in use."""
 
 
+def check(workdir: str) -> None:
+    """Raises ``WorkdirError`` if ``workdir`` exists and is not a directory; creates nothing."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(
+            f"--workdir {os.path.abspath(workdir)} is a file, not a directory; choose another "
+            "--workdir."
+        )
+
+
 def prepare(workdir: str) -> str:
     """Creates ``workdir`` if needed and checks it is a writable directory.
 
     Returns its absolute path. Raises ``WorkdirError`` naming the problem.
     """
     workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(
-            f"--workdir {workdir} is a file, not a directory; choose another --workdir."
-        )
+    check(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.TemporaryFile(dir=workdir):
