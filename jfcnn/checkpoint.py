@@ -57,11 +57,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jfcnn.errors import CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError
+from jfcnn.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    WorkdirMetadataError,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
 CONFIG_FILE = "config.json"
+# The data set's metadata (`jfcnn.data.DatasetMetadata.to_dict`), beside the config.
+METADATA_FILE = "dataset.json"
 # The checkpoint items: the train state, and the manifest of its arrays' checksums.
 _STATE = "state"
 _CHECKSUMS = "checksums"
@@ -461,6 +468,31 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(tmp, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def save_metadata(workdir: str, metadata: dict[str, Any]) -> None:
+    """Writes the data set's metadata dict beside the config (atomically)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, METADATA_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(metadata, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def load_metadata(workdir: str) -> dict[str, Any] | None:
+    """The metadata dict `save_metadata` wrote, or None for a run that predates it."""
+    path = os.path.join(workdir, METADATA_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise WorkdirMetadataError(
+            f"{path} cannot be read ({e}). It is rewritten when training resumes; to evaluate "
+            "without it, delete it (the metadata is then read from the data set)."
+        ) from e
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

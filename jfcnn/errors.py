@@ -49,6 +49,10 @@ class CheckpointMismatchError(CheckpointError):
         self.key = key
 
 
+class WorkdirMetadataError(UserError):
+    """A work directory's data set metadata (``dataset.json``) cannot be read."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN/Inf loss, gradient or state."""
 

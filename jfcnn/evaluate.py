@@ -1,11 +1,20 @@
 """Evaluates a trained work directory.
 
-    python -m jfcnn.evaluate --workdir runs/unet [--step 400]
+    python -m jfcnn.evaluate --workdir runs/unet [--step 400] [--split test]
+        [--data_dir DIR] [--data folder=/other/folder] [--output DIR]
 
 Restores the checkpoint (the latest by default) on whatever devices this
 machine has (a checkpoint written on 8 devices restores on 1), evaluates the
-validation split, prints the metrics and writes ``<workdir>/eval/metrics.json``
-plus PNG pictures (input | ground truth | prediction) of the first examples.
+validation split (``config.data.eval_split``, or ``--split``), prints the
+metrics and writes ``<workdir>/eval/metrics.json`` plus PNG pictures (input |
+ground truth | prediction) of the first examples. ``--data_dir`` and
+``--data KEY=VALUE`` (repeatable) change ``config.data`` for this evaluation
+only, e.g. to score another copy or folder of the data set; its classes must
+be the run's.
+
+Loading a run needs only its work directory: the config, the data set's
+metadata (``dataset.json``: class names, category ids, image size,
+normalization) and the checkpoints.
 
 From Python (a notebook, another script)::
 
@@ -20,11 +29,13 @@ from jfcnn import cli
 if __name__ == "__main__":  # Before the training stack is imported below.
     cli.exit_unless_installed("train", "python -m jfcnn.evaluate")
 
+import ast
 import functools
 import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -35,9 +46,12 @@ from jfcnn import checkpoint as ckpt
 from jfcnn import data as data_lib
 from jfcnn import tasks, visualize
 from jfcnn import train_state as state_lib
+from jfcnn.errors import ConfigError, WorkdirMetadataError
 from jfcnn.tasks.base import Task
 
 EVAL_DIR = "eval"
+# Eval batch fields only the host-side evaluator reads (ids may need 64 bits).
+HOST_ONLY_KEYS = ("image_id", "original_size", "resized_size")
 
 
 def run_evaluation(
@@ -55,9 +69,11 @@ def run_evaluation(
     eval_step = _compiled_eval_step(task)
     evaluator = task.new_evaluator(config.num_eval_images)
     for batch in data_lib.create_eval_iterator(config, instances=task.needs_instances):
-        device_batch = jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
-        )
+        device_batch = {
+            key: jax.make_array_from_process_local_data(data_sharding, value)
+            for key, value in batch.items()
+            if key not in HOST_ONLY_KEYS
+        }
         outputs = jax.device_get(eval_step(variables, device_batch))
         evaluator.update(outputs, batch)
     return evaluator.result(), evaluator.images
@@ -105,7 +121,7 @@ def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Task, Any,
       restored step. The optimizer state is not read.
     """
     config = ckpt.load_config(workdir)
-    metadata = data_lib.dataset_metadata(config)
+    metadata = load_metadata(workdir, config)
     task = tasks.get_task(config, metadata)
     manager = ckpt.create_manager(workdir, read_only=True)
     try:
@@ -113,6 +129,73 @@ def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Task, Any,
     finally:
         manager.close()
     return config, task, variables, restored_step
+
+
+def load_metadata(workdir: str, config: ml_collections.ConfigDict) -> data_lib.DatasetMetadata:
+    """The data set metadata stored in ``workdir`` (read from the data set for older runs)."""
+    stored = ckpt.load_metadata(workdir)
+    if stored is None:  # Written by every run since dataset.json exists.
+        return data_lib.dataset_metadata(config)
+    try:
+        return data_lib.DatasetMetadata.from_dict(stored)
+    except (ValueError, TypeError) as e:
+        raise WorkdirMetadataError(
+            f"{os.path.join(workdir, ckpt.METADATA_FILE)} is not valid data set metadata ({e})."
+        ) from e
+
+
+def with_data_overrides(
+    config: ml_collections.ConfigDict,
+    *,
+    split: str | None = None,
+    data_dir: str | None = None,
+    overrides: Sequence[str] = (),
+) -> ml_collections.ConfigDict:
+    """``config`` with ``config.data`` changed for one evaluation.
+
+    Args:
+      split: the split to score (``config.data.eval_split``).
+      data_dir: the TFDS data dir (``config.data.data_dir``).
+      overrides: ``"KEY=VALUE"`` strings for other ``config.data`` keys; the
+        value is parsed as a Python literal when it is one, else kept as a string.
+    """
+    config = config.copy_and_resolve_references()
+    values: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("data.")
+        if not sep or not key:
+            raise ConfigError(
+                f"--data takes KEY=VALUE (e.g. --data folder=/data/cells), got {item!r}"
+            )
+        if key not in config.data:
+            raise ConfigError(
+                f"--data {item!r}: config.data has no key {key!r}; its keys are "
+                f"{sorted(config.data.keys())}."
+            )
+        try:
+            values[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            values[key] = text
+    if split is not None:
+        values["eval_split"] = split
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    with config.unlocked():
+        for key, value in values.items():
+            config.data[key] = value
+    return config
+
+
+def _check_same_classes(config: ml_collections.ConfigDict, task: Task) -> None:
+    """Stops an evaluation on data whose classes are not the ones the model was trained on."""
+    data_names = data_lib.dataset_metadata(config).class_names
+    trained = tuple(task.metadata.class_names)
+    if tuple(data_names) != trained:
+        raise ConfigError(
+            f"The evaluation data has the classes {list(data_names)}, but the model was trained "
+            f"on {list(trained)}; evaluate it on data with the same classes."
+        )
 
 
 def json_safe(value: Any) -> Any:
@@ -126,9 +209,25 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def evaluate_run(workdir: str, step: int | None = None) -> tuple[dict[str, Any], list]:
-    """Restores ``workdir`` and evaluates it; returns ``(metrics, pictures)``, writes nothing."""
+def evaluate_run(
+    workdir: str,
+    step: int | None = None,
+    *,
+    split: str | None = None,
+    data_dir: str | None = None,
+    data_overrides: Sequence[str] = (),
+) -> tuple[dict[str, Any], list]:
+    """Restores ``workdir`` and evaluates it; returns ``(metrics, pictures)``, writes nothing.
+
+    ``split``, ``data_dir`` and ``data_overrides`` change the data scored (see
+    `with_data_overrides`).
+    """
     config, task, variables, restored_step = load_trained(workdir, step)
+    if split is not None or data_dir is not None or data_overrides:
+        config = with_data_overrides(
+            config, split=split, data_dir=data_dir, overrides=data_overrides
+        )
+        _check_same_classes(config, task)
     metrics, images = run_evaluation(config, task, variables)
     metrics["step"] = restored_step
     return metrics, images
@@ -161,7 +260,13 @@ def main(argv) -> None:
     del argv
     cli.quiet_library_logs()
     with cli.exit_on_user_error():
-        metrics, images = evaluate_run(FLAGS.workdir, FLAGS.step)
+        metrics, images = evaluate_run(
+            FLAGS.workdir,
+            FLAGS.step,
+            split=FLAGS.split,
+            data_dir=FLAGS.data_dir,
+            data_overrides=FLAGS.data or (),
+        )
     # The metrics are printed before anything is written, so a directory that
     # cannot be written never costs the evaluation.
     print(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
@@ -184,5 +289,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
     flags.DEFINE_string("output", None, "Directory for metrics.json and pictures (default W/eval).")
+    flags.DEFINE_string("split", None, "Split to score (default: the run's data.eval_split).")
+    flags.DEFINE_string("data_dir", None, "TFDS data dir to read (default: the run's).")
+    flags.DEFINE_multi_string(
+        "data", None, "KEY=VALUE: another config.data value for this evaluation (repeatable)."
+    )
     FLAGS = flags.FLAGS
     app.run(main)

@@ -425,6 +425,8 @@ def _train(config, workdir: str, parallelism, metadata) -> dict[str, Any]:
     state = _restore_or_init(config, task, tx, parallelism, manager)
     start_step = int(jax.device_get(parallelism.unreplicate(state).step))
     _save_config(workdir, config, start_step)
+    # Evaluation and prediction read these facts from the work directory, not the data set.
+    ckpt.save_metadata(workdir, metadata.to_dict())
 
     train_step = parallelism.compile_step(
         make_train_step(task, tx, schedule, axis_name=parallelism.axis_name)

@@ -12,7 +12,10 @@ jax.process_count()``), S ``config.data.image_size``, M
 Batches are dicts of numpy arrays:
 
 - ``image``: (B, S, S, 3) float32 in [0, 1].
-- ``mask``: (B, S, S) int32 semantic class ids (see `DatasetMetadata.class_names`).
+- ``mask``: (B, S, S) int32 semantic class ids (see `DatasetMetadata.class_names`),
+  or ``config.data.ignore_label`` (default 255) where a pixel has no class (an
+  ignore value in the data set, zero padding of a data set whose labels have
+  an offset); losses and metrics skip those pixels.
 - Instance ground truth, only with ``instances=True`` (which needs a data set
   with instances: ``jfcnn_shapes``, ``coco/2017_panoptic``), padded to M per
   example: ``boxes`` (B, M, 4) float32 pixel (x1, y1, x2, y2) in the output
@@ -26,7 +29,11 @@ Batches are dicts of numpy arrays:
   False (no training target) but their box, label and instance mask are
   filled, so that evaluation can ignore detections on them.
 - Eval batches only: ``valid`` (B,) bool; False marks the examples that pad the
-  last batch to full size (no eval example is dropped).
+  last batch to full size (no eval example is dropped). ``original_size`` (B, 2)
+  int32 the stored image's (height, width) and ``resized_size`` (B, 2) int32
+  the size it was resized to before padding to S x S (see `fit_image`), so
+  that predictions can be mapped back to the original pixels; ``image_id``
+  (B,) int64 where the data set has ids of its own (``coco_json``).
 
 Without instances, instance annotations are neither read nor decoded, and
 ``image`` and ``mask`` are bit-identical to those of ``instances=True``.
@@ -90,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
             "augment": True,  # random flip + scale/crop (train only)
             "scale_range": (0.75, 1.25),
             "max_instances": 8,  # instance ground truth is padded to this many (instances only)
+            "ignore_label": 255,  # mask value of pixels without a class (left out of loss/metrics)
             "cache": True,  # keep decoded examples in memory (small data sets)
         }
     )
@@ -119,6 +127,8 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 def _get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder; builds a locally generated data set if needed."""
     spec = get_spec(data_config.name)
+    if spec.make_builder is not None:  # Made from the user's own files; prepares itself.
+        return spec.make_builder(data_config)
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
     if builder.is_prepared():
         return builder
@@ -143,6 +153,56 @@ def _get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: Any) -> int:
     return builder.info.splits[split].num_examples
+
+
+def _classes(spec: DatasetSpec, builder: tfds.core.DatasetBuilder):
+    """``(class_names, category_ids)`` of a prepared data set."""
+    if spec.classes is not None:
+        return spec.classes(builder)
+    return spec.class_names, tuple(range(len(spec.class_names)))
+
+
+def _ignore_label(data_config: ml_collections.ConfigDict) -> int:
+    return int(data_config.get("ignore_label", 255))
+
+
+def fitted_size(height: Any, width: Any, size: Any, keep_aspect: bool) -> list[tf.Tensor]:
+    """The (height, width) an image of ``height x width`` is resized to for an S x S canvas.
+
+    With ``keep_aspect`` the longer side becomes ``size`` and the other keeps
+    the aspect ratio (rounded, at least 1); otherwise both become ``size``.
+    """
+    size = tf.cast(size, tf.int32)
+    if not keep_aspect:
+        return [size, size]
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    factor = tf.cast(size, tf.float32) / tf.cast(tf.maximum(height, width), tf.float32)
+    return [
+        tf.clip_by_value(tf.cast(tf.round(tf.cast(n, tf.float32) * factor), tf.int32), 1, size)
+        for n in (height, width)
+    ]
+
+
+def fit_image(image: Any, size: int, keep_aspect: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """An (H, W, 3) uint8 image as the model's (S, S, 3) float32 input in [0, 1].
+
+    Exactly what evaluation does to an image (and training, before its random
+    flip, scale and crop): resize (bilinear, antialiased) to `fitted_size`,
+    zero-pad to S x S at the bottom and right. Prediction uses it too, so a
+    model sees new images as it saw its training data.
+
+    Returns:
+      ``(canvas, resized_size)``: the (S, S, 3) float32 canvas and the int32
+      (height, width) the image occupies in it, top-left.
+    """
+    image = tf.convert_to_tensor(image)
+    resized = fitted_size(tf.shape(image)[0], tf.shape(image)[1], size, keep_aspect)
+    canvas = tf.image.resize(
+        tf.cast(image, tf.float32) / 255.0, resized, method="bilinear", antialias=True
+    )
+    canvas = tf.image.pad_to_bounding_box(canvas, 0, 0, size, size)
+    canvas = tf.ensure_shape(tf.clip_by_value(canvas, 0.0, 1.0), [size, size, 3])
+    return canvas, tf.stack(resized)
 
 
 def _read(
@@ -214,6 +274,7 @@ def _preprocess(
     *,
     data_config: ml_collections.ConfigDict,
     spec: DatasetSpec,
+    num_classes: int,
     augment: bool,
     max_instances: int | None,
 ) -> dict[str, tf.Tensor]:
@@ -224,6 +285,7 @@ def _preprocess(
     size = data_config.image_size
     image = example["image"]
     label_maps = example["label_maps"]
+    original_size = tf.shape(image)[:2]
     if augment:
         flip_seed, scale_seed, offset_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, 3)
@@ -238,17 +300,7 @@ def _preprocess(
     else:
         scaled = tf.constant(size, tf.int32)
         offset_frac = tf.zeros([2])
-    if spec.keep_aspect:
-        height, width = tf.shape(image)[0], tf.shape(image)[1]
-        factor = tf.cast(scaled, tf.float32) / tf.cast(tf.maximum(height, width), tf.float32)
-        resized = [
-            tf.clip_by_value(
-                tf.cast(tf.round(tf.cast(n, tf.float32) * factor), tf.int32), 1, scaled
-            )
-            for n in (height, width)
-        ]
-    else:
-        resized = [scaled, scaled]
+    resized = fitted_size(original_size[0], original_size[1], scaled, spec.keep_aspect)
     image = tf.image.resize(
         tf.cast(image, tf.float32) / 255.0, resized, method="bilinear", antialias=True
     )
@@ -259,12 +311,19 @@ def _preprocess(
     image = _crop_or_pad(image, scaled, size, offset_frac)
     label_maps = _crop_or_pad(label_maps, scaled, size, offset_frac)
 
+    semantic = tf.cast(label_maps[..., 0], tf.int32) - spec.label_offset
+    is_class = (semantic >= 0) & (semantic < num_classes)
     out = {
         "image": tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), [size, size, 3]),
         "mask": tf.ensure_shape(
-            tf.cast(label_maps[..., 0], tf.int32) - spec.label_offset, [size, size]
+            tf.where(is_class, semantic, _ignore_label(data_config)), [size, size]
         ),
     }
+    if not augment:
+        out["original_size"] = tf.cast(original_size, tf.int32)
+        out["resized_size"] = tf.cast(tf.stack(resized), tf.int32)
+        if "image_id" in example:
+            out["image_id"] = tf.cast(example["image_id"], tf.int64)
     if max_instances is not None:
         index_map = tf.cast(label_maps[..., 1], tf.int32)
         masks = tf.equal(index_map[None], tf.range(1, max_instances + 1)[:, None, None])
@@ -299,6 +358,11 @@ def _check_data_config(
     """Raises on a bad ``config.data``; returns M with ``instances``, else None."""
     if data_config.image_size <= 0:
         raise ValueError(f"config.data.image_size must be positive, got {data_config.image_size}")
+    if not 0 <= _ignore_label(data_config) <= 255:
+        raise ConfigError(
+            f"Config key `data.ignore_label` is {data_config.ignore_label}; it must be in "
+            "0..255 (label maps are 8-bit), e.g. 255."
+        )
     low, high = data_config.scale_range
     if not 0 < low <= high:
         raise ValueError(f"config.data.scale_range must be 0 < min <= max, got {(low, high)}")
@@ -346,6 +410,7 @@ def create_train_iterator(
     process_index, process_count = _process_info()
     batch_size = _local_batch_size(config.batch_size, process_count)
     builder = _get_builder(data_config)
+    num_classes = len(_classes(spec, builder)[0])
     # Equal shards (remainder dropped) so every process has the same epoch length.
     split = tfds.even_splits(data_config.train_split, n=process_count, drop_remainder=True)[
         process_index
@@ -394,6 +459,7 @@ def create_train_iterator(
             seed,
             data_config=data_config,
             spec=spec,
+            num_classes=num_classes,
             augment=data_config.augment,
             max_instances=max_instances,
         )
@@ -436,6 +502,7 @@ def create_eval_iterator(
     process_index, process_count = _process_info()
     batch_size = _local_batch_size(config.batch_size, process_count)
     builder = _get_builder(data_config)
+    num_classes = len(_classes(spec, builder)[0])
     split = tfds.even_splits(data_config.eval_split, n=process_count, drop_remainder=False)[
         process_index
     ]
@@ -447,6 +514,7 @@ def create_eval_iterator(
             None,
             data_config=data_config,
             spec=spec,
+            num_classes=num_classes,
             augment=False,
             max_instances=max_instances,
         )
@@ -464,17 +532,24 @@ def create_eval_iterator(
 
 
 def dataset_metadata(config: ml_collections.ConfigDict) -> DatasetMetadata:
-    """Class names and split sizes of the configured data set (prepares a generated one)."""
+    """Classes, split sizes and input format of the configured data set.
+
+    Prepares a data set that is generated here or made from the user's files.
+    """
     data_config = config.data
     spec = get_spec(data_config.name)
     _hide_gpus_from_tensorflow()
     builder = _get_builder(data_config)
+    class_names, category_ids = _classes(spec, builder)
     return DatasetMetadata(
         name=data_config.name,
-        num_classes=len(spec.class_names),
-        class_names=spec.class_names,
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
         image_size=data_config.image_size,
         num_train_examples=_num_examples(builder, data_config.train_split),
         num_eval_examples=_num_examples(builder, data_config.eval_split),
         has_instances=spec.has_instances,
+        category_ids=tuple(category_ids),
+        keep_aspect=spec.keep_aspect,
+        ignore_label=_ignore_label(data_config),
     )

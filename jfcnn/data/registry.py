@@ -17,6 +17,13 @@ The common form, a dict of tensors:
 - With instances only: ``instance_labels`` (N,) int32 semantic class ids, and
   optionally ``instance_crowd`` (N,) bool (slots kept for evaluation, not
   trained on; see ``jfcnn.data.coco``).
+- Optionally ``image_id``, an int64 scalar: the example's id in the user's
+  own annotation file (``jfcnn.data.coco_json``); evaluation batches carry it
+  so that detections can be scored against that file.
+
+A stored semantic label that is not a class id after ``label_offset`` (zero
+padding with an offset, an ignore value) becomes ``config.data.ignore_label``
+in the batches, and the losses and metrics skip it.
 
 This module imports no TensorFlow: `DatasetMetadata` is read back from work
 directories on machines that never load the training data.
@@ -57,6 +64,12 @@ class DatasetSpec:
         happens here).
       keep_aspect: resize the longer side to S and zero-pad the rest, instead
         of resizing to S x S.
+      make_builder: ``data_config -> tfds.core.DatasetBuilder``, for data sets
+        made from the user's files (``folder``, ``coco_json``) whose builder
+        depends on the config; None: ``tfds.builder(name, data_dir=...)``.
+      classes: ``builder -> (class_names, category_ids)``, for data sets whose
+        classes are only known from their files; None: ``class_names`` with
+        category ids 0..K-1.
     """
 
     name: str
@@ -67,6 +80,8 @@ class DatasetSpec:
     label_offset: int = 0
     builds_locally: bool = False
     keep_aspect: bool = False
+    make_builder: Callable[[Any], Any] | None = None
+    classes: Callable[[Any], tuple[tuple[str, ...], tuple[int, ...]]] | None = None
 
 
 _SPECS: dict[str, DatasetSpec] = {}
@@ -96,9 +111,18 @@ def get_spec(name: str) -> DatasetSpec:
     return _SPECS[name]
 
 
+# The pipeline's pixel normalization: images reach the model as
+# ``(pixels / 255 - mean) / std``. Every data set uses the identity today; the
+# values are stored so that prediction applies what training did.
+IDENTITY_NORMALIZATION = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetMetadata:
     """Static facts about a configured data set, enough to use a model without its data.
+
+    Written into every work directory (``dataset.json``) when training starts,
+    so that evaluation and prediction never need the training data.
 
     Attributes:
       name: TFDS name.
@@ -109,6 +133,14 @@ class DatasetMetadata:
       num_eval_examples: examples in ``config.data.eval_split`` (all processes).
       has_instances: whether the data set has instance annotations (boxes,
         labels, instance masks), i.e. whether the instance task can train on it.
+      category_ids: the data set's own id of each class id (e.g. COCO's
+        category ids 1..90 for the class ids 1..80); the class id itself where
+        the data set has no ids of its own.
+      keep_aspect: how an image becomes S x S: True resizes its longer side to
+        S and zero-pads the bottom and right; False resizes it to S x S.
+      normalization: ``{"mean": (3,), "std": (3,)}``; the model sees
+        ``(pixels / 255 - mean) / std``.
+      ignore_label: the label value of pixels left out of the loss and metrics.
     """
 
     name: str
@@ -118,21 +150,50 @@ class DatasetMetadata:
     num_train_examples: int
     num_eval_examples: int
     has_instances: bool
+    category_ids: tuple[int, ...] = ()
+    keep_aspect: bool = False
+    normalization: Mapping[str, tuple[float, ...]] = dataclasses.field(
+        default_factory=lambda: dict(IDENTITY_NORMALIZATION)
+    )
+    ignore_label: int = 255
+
+    def __post_init__(self):
+        if not self.category_ids:  # Class ids are their own category ids.
+            object.__setattr__(self, "category_ids", tuple(range(self.num_classes)))
+        if self.num_classes != len(self.class_names):
+            raise ValueError(
+                f"Data set metadata: num_classes={self.num_classes} but "
+                f"{len(self.class_names)} class_names"
+            )
+        if len(self.category_ids) != self.num_classes:
+            raise ValueError(
+                f"Data set metadata: num_classes={self.num_classes} but "
+                f"{len(self.category_ids)} category_ids"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict (``class_names`` as a list); inverse of `from_dict`."""
+        """A JSON-serializable dict (tuples as lists); inverse of `from_dict`."""
         out = dataclasses.asdict(self)
         out["class_names"] = list(self.class_names)
+        out["category_ids"] = list(self.category_ids)
+        out["normalization"] = {k: list(v) for k, v in self.normalization.items()}
         return out
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DatasetMetadata:
-        """Reads `to_dict`'s output (e.g. parsed JSON); keys it does not know are ignored."""
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in values]
+        """Reads `to_dict`'s output (e.g. parsed JSON); keys it does not know are ignored.
+
+        The keys added after the first release (``category_ids``,
+        ``keep_aspect``, ``normalization``, ``ignore_label``) take their
+        defaults when absent.
+        """
+        required = ["name", "num_classes", "class_names", "image_size"]
+        required += ["num_train_examples", "num_eval_examples", "has_instances"]
+        missing = [name for name in required if name not in values]
         if missing:
             raise ValueError(f"Data set metadata lacks the keys {missing}; got {sorted(values)}")
-        metadata = cls(
+        normalization = values.get("normalization") or IDENTITY_NORMALIZATION
+        return cls(
             name=str(values["name"]),
             num_classes=int(values["num_classes"]),
             class_names=tuple(str(n) for n in values["class_names"]),
@@ -140,10 +201,8 @@ class DatasetMetadata:
             num_train_examples=int(values["num_train_examples"]),
             num_eval_examples=int(values["num_eval_examples"]),
             has_instances=bool(values["has_instances"]),
+            category_ids=tuple(int(i) for i in values.get("category_ids") or ()),
+            keep_aspect=bool(values.get("keep_aspect", False)),
+            normalization={k: tuple(float(x) for x in v) for k, v in normalization.items()},
+            ignore_label=int(values.get("ignore_label", 255)),
         )
-        if metadata.num_classes != len(metadata.class_names):
-            raise ValueError(
-                f"Data set metadata: num_classes={metadata.num_classes} but "
-                f"{len(metadata.class_names)} class_names"
-            )
-        return metadata

@@ -47,7 +47,7 @@ from jfcnn.tasks.base import build_model
 # The terms of the training loss, in the order they are logged.
 LOSS_TERMS = ("rpn_objectness", "rpn_box", "classification", "box_regression", "mask")
 # What the evaluator receives of the model's outputs.
-EVAL_OUTPUTS = ("boxes", "scores", "classes", "detection_valid", "masks")
+EVAL_OUTPUTS = ("boxes", "scores", "classes", "detection_valid", "masks", "mask_probs")
 
 
 def predict(task: InstanceSegmentationTask, variables: Any, images: Any) -> dict[str, jax.Array]:
@@ -83,6 +83,101 @@ def check_image_values(images: Any) -> np.ndarray:
                 + (": divide 0..255 pixels by 255." if high > 1 else ".")
             )
     return images.astype(np.float32, copy=False)
+
+
+def _paste_weights(start: float, end: float, mask_size: int, first: int, stop: int) -> np.ndarray:
+    """``(stop - first, mask_size)`` bilinear weights of image pixels first..stop-1 along one
+    axis (the formula of ``jfcnn.ops.detection.paste_masks``)."""
+    length = max(end - start, 1e-6)
+    centers = np.arange(first, stop, dtype=np.float64) + 0.5
+    position = (centers - start) / length * mask_size - 0.5
+    return np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(mask_size)))
+
+
+def paste_mask(
+    mask_probs: np.ndarray, box: Sequence[float], image_size: Sequence[int], threshold: float = 0.5
+) -> np.ndarray:
+    """One box's mask probabilities pasted into an image of any size, on the host.
+
+    The values of ``jfcnn.ops.detection.paste_masks`` (bilinear, pixel
+    centers, zero outside the mask), computed only over the rows and columns
+    the box can reach, so that a large photo costs no more than its boxes.
+
+    Args:
+      mask_probs: ``(PH, PW)`` probabilities in [0, 1].
+      box: ``(x1, y1, x2, y2)`` in the image's pixels.
+      image_size: ``(H, W)``.
+      threshold: pixels with a value ``>= threshold`` are 1.
+
+    Returns:
+      ``(H, W)`` uint8 0/1.
+    """
+    height, width = (int(n) for n in image_size)
+    mask_probs = np.asarray(mask_probs, np.float64)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    out = np.zeros((height, width), np.uint8)
+    # Pixels whose center is more than a pixel outside the box get weight 0.
+    row0, row1 = max(int(np.floor(y1)) - 1, 0), min(int(np.ceil(y2)) + 1, height)
+    col0, col1 = max(int(np.floor(x1)) - 1, 0), min(int(np.ceil(x2)) + 1, width)
+    if row0 >= row1 or col0 >= col1:
+        return out
+    wy = _paste_weights(y1, y2, mask_probs.shape[0], row0, row1)
+    wx = _paste_weights(x1, x2, mask_probs.shape[1], col0, col1)
+    pasted = wy @ mask_probs @ wx.T
+    # float32 rounding as in paste_masks, so values at the threshold agree.
+    out[row0:row1, col0:col1] = pasted.astype(np.float32) >= threshold
+    return out
+
+
+def detections_in_original(
+    outputs: dict[str, np.ndarray],
+    resized_size: Sequence[int],
+    original_size: Sequence[int],
+    *,
+    score_threshold: float = 0.0,
+    mask_threshold: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """One image's detections on the model's canvas, mapped back to the original image.
+
+    The image was resized from ``original_size`` to ``resized_size`` and
+    placed top-left on the S x S canvas (``jfcnn.data.pipeline.fit_image``).
+    Boxes are scaled back and clipped to the image; masks are the per-box
+    mask probabilities pasted at the original resolution (as torchvision's
+    ``paste_masks_in_image`` does), not the canvas masks resized.
+
+    Args:
+      outputs: one image's model outputs: ``boxes`` (D, 4), ``scores`` (D,),
+        ``classes`` (D,), ``detection_valid`` (D,), ``mask_probs`` (D, s, s).
+      resized_size: ``(h, w)`` of the image on the canvas.
+      original_size: ``(H, W)`` of the original image.
+      score_threshold: detections scoring below it are dropped.
+      mask_threshold: threshold of the pasted probabilities.
+
+    Returns:
+      ``boxes`` (N, 4) float64 ``(x1, y1, x2, y2)`` original pixels,
+      ``scores`` (N,), ``classes`` (N,) int class ids, ``masks`` (N, H, W)
+      uint8, in descending score order.
+    """
+    height, width = (int(n) for n in original_size)
+    scale_y = height / float(resized_size[0])
+    scale_x = width / float(resized_size[1])
+    scores = np.asarray(outputs["scores"], np.float64)
+    keep = np.flatnonzero(
+        np.asarray(outputs["detection_valid"], bool) & (scores >= score_threshold)
+    )
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    boxes = np.asarray(outputs["boxes"], np.float64)[keep] * [scale_x, scale_y, scale_x, scale_y]
+    boxes = np.clip(boxes, 0.0, [width, height, width, height])
+    mask_probs = np.asarray(outputs["mask_probs"])[keep]
+    masks = np.zeros((len(keep), height, width), np.uint8)
+    for n in range(len(keep)):
+        masks[n] = paste_mask(mask_probs[n], boxes[n], (height, width), mask_threshold)
+    return {
+        "boxes": boxes,
+        "scores": scores[keep],
+        "classes": np.asarray(outputs["classes"])[keep].astype(np.int64),
+        "masks": masks,
+    }
 
 
 @functools.lru_cache(maxsize=8)

@@ -76,13 +76,32 @@ def segmentation_metrics(confusion: np.ndarray) -> dict[str, float | list[float]
     }
 
 
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over each example's labelled pixels, shape ``(B,)``.
+
+    Pixels whose label is not a class id in ``[0, K)`` (the ignore label,
+    padding) are left out; an example without labelled pixels has loss 0.
+    Per example, so that the batch mean decomposes over devices.
+    """
+    num_classes = logits.shape[-1]
+    labelled = (labels >= 0) & (labels < num_classes)
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.where(labelled, labels, 0)
+    )
+    count = jnp.sum(labelled, axis=(1, 2))
+    return jnp.sum(jnp.where(labelled, per_pixel, 0.0), axis=(1, 2)) / jnp.maximum(count, 1)
+
+
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
     """``1 - mean Dice`` of softmax probabilities, per example, shape ``(B,)``.
 
-    Computed per example (not over the batch) so that it decomposes over
-    devices: the mean over a sharded batch equals the single-device value.
+    Pixels whose label is not in ``[0, num_classes)`` (the ignore label) count
+    neither in the prediction nor in the ground truth. Computed per example
+    (not over the batch) so that it decomposes over devices: the mean over a
+    sharded batch equals the single-device value.
     """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    labelled = (labels >= 0) & (labels < num_classes)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * labelled[..., None]
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     intersection = jnp.sum(probs * onehot, axis=(1, 2))
     denominator = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
@@ -126,17 +145,16 @@ class SemanticSegmentationTask:
         logits, new_state = self._apply(params, model_state, batch["image"], train=True)
         logits = logits.astype(jnp.float32)
         labels = batch["mask"]
-        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(
-            axis=(1, 2)
-        )
+        cross_entropy = pixel_cross_entropy(logits, labels)
         loss = cross_entropy
         metrics = {"cross_entropy": cross_entropy.mean()}
         if self.config.loss.get("dice_weight", 0.0):
             dice = soft_dice_loss(logits, labels, self.num_classes)
             loss = loss + self.config.loss.dice_weight * dice
             metrics["dice_loss"] = dice.mean()
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        metrics["pixel_accuracy"] = accuracy
+        labelled = (labels >= 0) & (labels < self.num_classes)
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled)
+        metrics["pixel_accuracy"] = correct / jnp.maximum(jnp.sum(labelled), 1)
         return loss.mean(), (new_state, metrics)
 
     # -- evaluation --------------------------------------------------------
@@ -146,9 +164,7 @@ class SemanticSegmentationTask:
         logits, _ = self._apply(params, model_state, batch["image"], train=False)
         predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         valid = batch["valid"].astype(jnp.float32)
-        pixel_ce = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), batch["mask"]
-        ).mean(axis=(1, 2))
+        pixel_ce = pixel_cross_entropy(logits, batch["mask"])
         return {
             "confusion": confusion_matrix(
                 batch["mask"], predictions, self.num_classes, weights=valid[:, None, None]

@@ -371,8 +371,11 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path, make_config, cache):
         trimap = ex["segmentation_mask"][..., 0].astype(np.int32)
         rows = _nearest_indices(trimap.shape[0], 24).astype(int)
         cols = _nearest_indices(trimap.shape[1], 24).astype(int)
-        # Trimap 1 pet, 2 background, 3 border -> class ids 0, 1, 2.
-        np.testing.assert_array_equal(masks[i], trimap[rows][:, cols] - 1)
+        # Trimap 1 pet, 2 background, 3 border -> class ids 0, 1, 2; any other
+        # value (the mock data draws 0..255) is no class: the ignore label 255.
+        expected = trimap[rows][:, cols] - 1
+        expected = np.where((expected >= 0) & (expected < 3), expected, 255)
+        np.testing.assert_array_equal(masks[i], expected)
 
 
 def test_missing_real_data_set_raises_clear_error(tmp_path, make_config):
@@ -412,18 +415,29 @@ def test_semantic_batches_carry_no_instance_fields(make_config, cache):
     semantic = list(data_lib.create_eval_iterator(eval_config))
     with_instances = list(data_lib.create_eval_iterator(eval_config, instances=True))
     assert len(semantic) == len(with_instances) == 2
+    eval_keys = {"image", "mask", "valid", "original_size", "resized_size"}
     for sem, inst in zip(semantic, with_instances, strict=True):
-        assert sem.keys() == {"image", "mask", "valid"}
-        assert inst.keys() == {"image", "mask", "valid"} | INSTANCE_KEYS
+        assert sem.keys() == eval_keys
+        assert inst.keys() == eval_keys | INSTANCE_KEYS
         for key in sem:
             np.testing.assert_array_equal(sem[key], inst[key], err_msg=key)
+        # The stored 128 x 128 images, stretched to the 40 x 40 canvas.
+        valid = sem["valid"]
+        np.testing.assert_array_equal(sem["original_size"][valid], [[128, 128]] * valid.sum())
+        np.testing.assert_array_equal(sem["resized_size"][valid], [[40, 40]] * valid.sum())
 
 
 def test_semantic_batches_need_no_max_instances(make_config):
     config = make_config(train_split="train[:8]", image_size=32)
     del config.data["max_instances"]
     assert next(data_lib.create_train_iterator(config)).keys() == {"image", "mask"}
-    assert next(data_lib.create_eval_iterator(config)).keys() == {"image", "mask", "valid"}
+    assert next(data_lib.create_eval_iterator(config)).keys() == {
+        "image",
+        "mask",
+        "valid",
+        "original_size",
+        "resized_size",
+    }
     for create in (data_lib.create_train_iterator, data_lib.create_eval_iterator):
         with pytest.raises(ConfigError, match=r"`data\.max_instances` is missing"):
             create(config, instances=True)
