@@ -70,6 +70,13 @@ DATA: dict[str, Field] = {
     "scale_range": _f(_SEQUENCE),
     "max_instances": _f(int, minimum=1),
     "cache": _f(bool),
+    "ignore_label": _f(int, minimum=0),
+    # Data sets made from the user's files (jfcnn/data/folder.py, coco_json.py).
+    "folder": _f(str, optional=True),
+    "train_annotations": _f(str, optional=True),
+    "train_images": _f(str, optional=True),
+    "eval_annotations": _f(str, optional=True),
+    "eval_images": _f(str, optional=True),
 }
 
 LOSS: dict[str, Field] = {
