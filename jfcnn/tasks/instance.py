@@ -17,6 +17,13 @@ memory (masks as RLE) and scored by ``COCOeval`` for ``"bbox"`` and
 S x S images), not at the original image resolution, so the area ranges of
 ``*_AP_small/medium/large`` refer to areas in those images.
 
+Data sets made from the user's COCO JSON (``data.name = "coco_json"``) are
+scored against the user's own annotation file instead
+(``AnnotationFileEvaluator``): detections mapped back to each original image
+(`detections_in_original`), with the file's image and category ids, and
+COCOeval run on that file, so the AP is exactly what pycocotools reports for
+the file and these detections.
+
 Letters in shapes: B examples per batch, S image side, M ground-truth slots,
 D detection slots, K classes (background included).
 """
@@ -252,7 +259,12 @@ class InstanceSegmentationTask:
         outputs = self.model.apply(variables, batch["image"], train=False)
         return {key: outputs[key] for key in EVAL_OUTPUTS}
 
-    def new_evaluator(self, num_images: int) -> CocoEvaluator:
+    def new_evaluator(self, num_images: int) -> CocoEvaluator | AnnotationFileEvaluator:
+        data = self.config.data
+        if data.name == "coco_json":  # Scored against the user's own annotation file.
+            split = str(data.get("eval_split", "validation"))
+            key = "train_annotations" if split.startswith("train") else "eval_annotations"
+            return AnnotationFileEvaluator(data[key], self.metadata, num_images)
         return CocoEvaluator(self.metadata.class_names, num_images)
 
 
@@ -293,6 +305,30 @@ def _xywh(boxes_n4: np.ndarray) -> list[list[float]]:
     return np.stack(
         [boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=-1
     ).tolist()
+
+
+def _picture(
+    outputs: dict[str, np.ndarray],
+    batch: dict[str, np.ndarray],
+    i: int,
+    class_names: Sequence[str],
+    score_threshold: float,
+) -> np.ndarray:
+    """`visualize.instance_panel` of example ``i`` of a batch (canvas resolution)."""
+    return visualize.instance_panel(
+        batch["image"][i],
+        outputs["boxes"][i],
+        outputs["classes"][i],
+        outputs["scores"][i],
+        outputs["masks"][i],
+        outputs["detection_valid"][i],
+        class_names,
+        gt_boxes=batch["boxes"][i],
+        gt_classes=batch["labels"][i],
+        gt_masks=batch["instance_masks"][i],
+        gt_valid=batch["instance_valid"][i],
+        score_threshold=score_threshold,
+    )
 
 
 def _check_shapes(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
@@ -430,20 +466,7 @@ class CocoEvaluator:
 
             if len(self.images) < self.num_images:
                 self.images.append(
-                    visualize.instance_panel(
-                        batch["image"][i],
-                        outputs["boxes"][i],
-                        outputs["classes"][i],
-                        outputs["scores"][i],
-                        outputs["masks"][i],
-                        outputs["detection_valid"][i],
-                        self.class_names,
-                        gt_boxes=batch["boxes"][i],
-                        gt_classes=batch["labels"][i],
-                        gt_masks=batch["instance_masks"][i],
-                        gt_valid=batch["instance_valid"][i],
-                        score_threshold=self.image_score_threshold,
-                    )
+                    _picture(outputs, batch, i, self.class_names, self.image_score_threshold)
                 )
 
     def coco_ground_truth(self) -> dict[str, Any]:
@@ -486,10 +509,174 @@ class CocoEvaluator:
         return result
 
 
+def load_ground_truth(annotation_file: str) -> COCO:
+    """The user's COCO annotation file as a pycocotools ``COCO``, ready for COCOeval.
+
+    What COCOeval needs but exports may leave out is filled in as pycocotools
+    computes it: a missing ``area`` is the mask's area (``COCO.annToRLE``), a
+    missing ``bbox`` the mask's box, a missing ``iscrowd`` 0. Annotations
+    that carry them are used as they are.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress.
+        ground_truth = COCO(annotation_file)
+        for annotation in ground_truth.dataset.get("annotations", []):
+            annotation.setdefault("iscrowd", 0)
+            if "area" not in annotation or not annotation.get("bbox"):
+                rle = ground_truth.annToRLE(annotation)
+                annotation.setdefault("area", float(mask_utils.area(rle)))
+                if not annotation.get("bbox"):
+                    annotation["bbox"] = mask_utils.toBbox(rle).tolist()
+        ground_truth.createIndex()
+    return ground_truth
+
+
+class AnnotationFileEvaluator:
+    """Scores detections against the user's own COCO annotation file (``coco_json`` data).
+
+    Each valid example's detections are mapped back to its original image by
+    `detections_in_original` (boxes scaled, masks pasted at the original
+    resolution), their class ids turned into the file's category ids
+    (``metadata.category_ids``) and tagged with the example's ``image_id``
+    (batch key). `result` runs COCOeval on the file's ground truth, restricted
+    to the images seen, so its AP is what pycocotools gives for that file and
+    these detections (crowd regions ignored, areas as the file gives them).
+    The metric keys are `CocoEvaluator`'s, so ``metrics.json`` reads the same.
+
+    Attributes:
+      images: pictures of the first ``num_images`` valid examples at the
+        model's resolution, as `CocoEvaluator` draws them.
+    """
+
+    def __init__(
+        self,
+        annotation_file: str,
+        metadata: Any,
+        num_images: int,
+        *,
+        image_score_threshold: float = 0.5,
+    ):
+        if not annotation_file:
+            raise ConfigError(
+                "Config key `data.eval_annotations` is not set; scoring a coco_json data set "
+                "needs the COCO annotation file of its eval images."
+            )
+        self.annotation_file = str(annotation_file)
+        self.class_names = tuple(metadata.class_names)
+        self.category_ids = tuple(int(c) for c in metadata.category_ids)
+        self.num_images = num_images
+        self.image_score_threshold = image_score_threshold
+        self.images: list[np.ndarray] = []
+        self.ground_truth = load_ground_truth(self.annotation_file)
+        self._image_ids: list[int] = []
+        self._detections: list[dict[str, Any]] = []
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._image_ids)
+
+    def update(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
+        """Adds one batch.
+
+        Args:
+          outputs: the model's `EVAL_OUTPUTS` (see `predict`), on the canvas.
+          batch: an eval batch with ``image_id`` (B,), ``original_size`` (B, 2)
+            and ``resized_size`` (B, 2), ``valid`` (B,), and the canvas ground
+            truth for the pictures.
+        """
+        outputs = {k: np.asarray(v) for k, v in outputs.items()}
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        if "image_id" not in batch:
+            raise ValueError("Eval batches must carry `image_id` to score against a file.")
+        num_classes = len(self.class_names)
+        for i in np.flatnonzero(batch["valid"]):
+            image_id = int(batch["image_id"][i])
+            self._check_image(image_id, batch["original_size"][i])
+            self._image_ids.append(image_id)
+            found = detections_in_original(
+                {key: value[i] for key, value in outputs.items()},
+                batch["resized_size"][i],
+                batch["original_size"][i],
+            )
+            classes = found["classes"]
+            if np.any((classes < 1) | (classes >= num_classes)):
+                raise ValueError(f"Detected classes must be in 1..{num_classes - 1}: {classes}")
+            for class_id, score, box, rle in zip(
+                classes.tolist(),
+                found["scores"].tolist(),
+                _xywh(found["boxes"]),
+                encode_masks(found["masks"]),
+                strict=True,
+            ):
+                self._detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": self.category_ids[class_id],
+                        "score": float(score),
+                        "bbox": box,
+                        "segmentation": rle,
+                    }
+                )
+            if len(self.images) < self.num_images:
+                self.images.append(
+                    _picture(outputs, batch, i, self.class_names, self.image_score_threshold)
+                )
+
+    def _check_image(self, image_id: int, original_size: Sequence[int]) -> None:
+        """Stops scoring images against a file that is not theirs (ids alone would match)."""
+        record = self.ground_truth.imgs.get(image_id)
+        size = [int(n) for n in original_size]
+        if record is None or [record["height"], record["width"]] != size:
+            listed = (
+                "not listed"
+                if record is None
+                else (f"{record['height']}x{record['width']} (height x width) there")
+            )
+            raise ConfigError(
+                f"The eval data has an image {image_id} of {size[0]}x{size[1]} pixels, but in "
+                f"{self.annotation_file} image {image_id} is {listed}: the eval images are not "
+                "that file's. Set data.eval_annotations to the file the eval images come from."
+            )
+
+    def coco_detections(self) -> list[dict[str, Any]]:
+        """The detections as a COCO results list (original pixels, the file's ids)."""
+        return list(self._detections)
+
+    def result(self) -> dict[str, Any]:
+        """COCO metrics with `CocoEvaluator.result`'s keys, against the annotation file."""
+        names = self.class_names[1:]
+        result: dict[str, Any] = {"num_examples": self.num_examples}
+        if not self._image_ids:
+            for prefix in _IOU_TYPES:
+                result.update({f"{prefix}_{key}": float("nan") for key in _STATS})
+                result[f"{prefix}_AP_per_class"] = {name: float("nan") for name in names}
+            return result
+        with contextlib.redirect_stdout(io.StringIO()):
+            for prefix, iou_type in _IOU_TYPES.items():
+                stats, per_class = _evaluate(
+                    self.ground_truth,
+                    self._detections,
+                    iou_type,
+                    image_ids=set(self._image_ids),
+                    category_ids=self.category_ids[1:],
+                )
+                result.update({f"{prefix}_{key}": stats[index] for key, index in _STATS.items()})
+                result[f"{prefix}_AP_per_class"] = dict(zip(names, per_class, strict=True))
+        return result
+
+
 def _evaluate(
-    ground_truth: COCO, detections: list[dict[str, Any]], iou_type: str
+    ground_truth: COCO,
+    detections: list[dict[str, Any]],
+    iou_type: str,
+    *,
+    image_ids: Sequence[int] | None = None,
+    category_ids: Sequence[int] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Runs COCOeval; returns its 12 summary numbers and the AP of each category."""
+    """Runs COCOeval; returns its 12 summary numbers and the AP of each category.
+
+    ``image_ids`` and ``category_ids`` restrict the evaluation (COCOeval's
+    ``params.imgIds`` / ``catIds``); None: all of ``ground_truth``'s.
+    """
     if detections:
         results = copy.deepcopy(detections)  # loadRes writes into the dicts.
         if iou_type == "segm":
@@ -511,6 +698,10 @@ def _evaluate(
         }
         predicted.createIndex()
     coco_eval = COCOeval(ground_truth, predicted, iou_type)
+    if image_ids is not None:
+        coco_eval.params.imgIds = sorted(image_ids)
+    if category_ids is not None:
+        coco_eval.params.catIds = sorted(category_ids)
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
