@@ -315,3 +315,78 @@ def save_preview(
         rows.append(np.concatenate(panels, axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
     return path
+
+
+# ---------------------------------------------------------------------------
+# Legends (prediction overlays)
+
+_LEGEND_MARGIN = 4  # Pixels around the legend and between its rows.
+
+
+def legend(names: Sequence[str], colors: np.ndarray) -> np.ndarray:
+    """A white ``(h, w, 3)`` uint8 panel listing ``names``, one row each, after a color swatch.
+
+    Drawn with Pillow's built-in bitmap font (``ImageFont.load_default()``), so
+    it needs no font file. ``colors`` is ``(len(names), 3)`` uint8. With no
+    names the panel is a small empty white square.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    colors = np.asarray(colors, np.uint8).reshape(-1, 3)
+    if len(colors) != len(names):
+        raise ValueError(f"legend: {len(names)} names but {len(colors)} colors")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((0, 0), str(name), font=font) for name in names]
+    # One row height for all names, so that rows line up whatever letters they hold.
+    row = max([bottom - top for _, top, _, bottom in boxes] + [8]) + 2
+    swatch = row
+    text_width = max([right - left for left, _, right, _ in boxes], default=0)
+    width = 2 * _LEGEND_MARGIN + swatch + _LEGEND_MARGIN + text_width
+    height = _LEGEND_MARGIN + len(names) * (row + _LEGEND_MARGIN)
+    panel = Image.new("RGB", (max(width, 2 * _LEGEND_MARGIN), max(height, 2 * _LEGEND_MARGIN)))
+    panel.paste((255, 255, 255), (0, 0, *panel.size))
+    draw = ImageDraw.Draw(panel)
+    for i, (name, color, box) in enumerate(zip(names, colors, boxes, strict=True)):
+        y = _LEGEND_MARGIN + i * (row + _LEGEND_MARGIN)
+        x = _LEGEND_MARGIN
+        draw.rectangle(
+            [x, y, x + swatch - 1, y + row - 1],
+            fill=tuple(int(c) for c in color),
+            outline=(0, 0, 0),
+        )
+        text_xy = (x + swatch + _LEGEND_MARGIN - box[0], y + 1 - box[1])
+        draw.text(text_xy, str(name), fill=(0, 0, 0), font=font)
+    return np.asarray(panel)
+
+
+def with_legend(picture: np.ndarray, names: Sequence[str], colors: np.ndarray) -> np.ndarray:
+    """``picture`` with a `legend` of ``names`` to its right (white fills the shorter side).
+
+    Returns ``(max(H, h), W + w, 3)`` uint8: the picture stays top-left, pixel
+    for pixel, so its coordinates are those of the input.
+    """
+    picture = to_uint8(picture)
+    panel = legend(names, colors)
+    height = max(picture.shape[0], panel.shape[0])
+    out = np.full((height, picture.shape[1] + panel.shape[1], 3), 255, np.uint8)
+    out[: picture.shape[0], : picture.shape[1]] = picture
+    out[: panel.shape[0], picture.shape[1] :] = panel
+    return out
+
+
+def semantic_overlay(
+    image: np.ndarray, classes: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
+) -> np.ndarray:
+    """``image`` with the classes of ``classes (H, W)`` tinted (`overlay`) and a legend.
+
+    The legend names the classes present in ``classes`` other than class 0
+    (background, left untinted), in `palette` colors; the picture's first
+    ``W`` columns are the tinted image at its own size.
+    """
+    num_classes = len(class_names)
+    classes = np.asarray(classes)
+    present = [int(k) for k in np.unique(classes) if 0 < k < num_classes]
+    tinted = overlay(image, classes, num_classes, alpha)
+    colors = palette(num_classes)
+    return with_legend(tinted, [class_names[k] for k in present], colors[present])

@@ -1,0 +1,621 @@
+"""Predicts with a trained work directory on image files.
+
+    python -m jfcnn.predict --workdir runs/unet --output predictions/ photos/ more/*.jpg
+        [--step 400] [--batch_size 8] [--score_threshold 0.05]
+
+Each INPUT is an image file, a directory (searched recursively for
+`jfcnn.data.images.IMAGE_EXTENSIONS` files) or a glob. Images of any size,
+aspect and mode (JPEG, PNG, BMP, TIFF, WebP: whatever Pillow reads;
+grayscale, RGBA, 16-bit) are decoded as training decoded them
+(`jfcnn.data.images.load_image`: photos turned upright by their EXIF
+orientation, as a viewer shows them) and fitted to the model's S x S input
+exactly as evaluation fits them (`jfcnn.data.pipeline.fit_image`); the
+predictions are mapped back to the image's own resolution (after the EXIF
+turn). What ``OUT`` receives:
+
+- Semantic segmentation: ``OUT/<stem>.png``, a palette PNG ("P" mode, the
+  `jfcnn.visualize.palette` colors) of the image's size whose pixel values
+  are class indices (see ``dataset.json``'s ``class_names``), and
+  ``OUT/<stem>_overlay.png``, the image with its classes tinted and a legend
+  of their names to the right.
+- Instance segmentation: ``OUT/predictions.json``, a COCO results list with
+  one entry per detection scoring at least ``--score_threshold``:
+  ``file_name`` (the path relative to the directory given as INPUT, or the
+  file's name for a file or glob), ``category_id`` (the data set's own id),
+  ``category_name``, ``bbox`` ``[x, y, width, height]`` in image pixels,
+  ``score`` and ``segmentation`` (compressed RLE, ``{"size": [h, w],
+  "counts": str}``); and ``OUT/<stem>_overlay.png`` (masks, boxes, labels).
+
+Two inputs with the same stem get ``<stem>_<extension>`` (then a counter).
+A file that cannot be read gets one ``error:`` line naming it; the other
+images are still predicted, and the exit status is 1 at the end.
+
+Images are fed in fixed-size batches (the last one padded) through one
+compiled function, so any mix of image sizes compiles once; decoding and
+fitting run in a thread pool ahead of the model, and mapping back and
+writing overlap the next batch.
+
+From Python (a notebook, a service)::
+
+    predictor = jfcnn.predict.Predictor("runs/unet")
+    result = predictor.predict(image)  # (H, W), (H, W, 3) or (H, W, 4) uint8, or floats in [0, 1]
+    result["classes"]  # (H, W) class indices (semantic); instance: boxes, scores, masks, ...
+"""
+
+from __future__ import annotations
+
+from jfcnn import cli
+
+if __name__ == "__main__":  # Before the training stack is imported below.
+    cli.exit_unless_installed("train", "python -m jfcnn.predict")
+
+import collections
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from jfcnn import evaluate, visualize
+from jfcnn import train_state as state_lib
+from jfcnn.data import images as images_lib
+from jfcnn.data import pipeline
+from jfcnn.errors import UserError
+from jfcnn.tasks import instance as instance_lib
+
+# The model outputs the host needs to map detections back (not the canvas masks).
+_INSTANCE_OUTPUTS = ("boxes", "scores", "classes", "detection_valid", "mask_probs")
+PREDICTIONS_FILE = "predictions.json"
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One image's prediction, or why there is none.
+
+    Attributes:
+      source: the file's path (`Predictor.predict_files`) or the image's index
+        (`Predictor.predict_batch`).
+      image: the (H, W, 3) uint8 image the prediction refers to (upright), or None.
+      result: what `Predictor.predict` returns, or None if ``error``.
+      error: the `jfcnn.data.images.ImageReadError` of a file that cannot be read.
+    """
+
+    source: str | int
+    image: np.ndarray | None = None
+    result: dict[str, Any] | None = None
+    error: UserError | None = None
+
+
+@dataclasses.dataclass
+class _Fitted:
+    prediction: Prediction
+    canvas: np.ndarray | None = None  # (S, S, 3) float32 in [0, 1]
+    resized_size: np.ndarray | None = None  # (2,) int32
+
+
+def as_rgb8(image: Any) -> np.ndarray:
+    """An in-memory image as (H, W, 3) uint8 RGB, the form files are decoded to.
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) arrays
+    of uint8 pixels or of floats in [0, 1] (rounded to 8 bits, as a saved
+    file would be).
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape[:2]:
+        raise ValueError(
+            f"image must be (H, W), (H, W, 3) or (H, W, 4) with H, W > 0, got shape {image.shape}"
+        )
+    if image.dtype == np.uint8:
+        pass
+    elif np.issubdtype(image.dtype, np.floating):
+        low, high = float(np.min(image)), float(np.max(image))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"float images must lie in [0, 1], got values in [{low:g}, {high:g}]"
+                + (": pass 0..255 pixels as uint8." if high > 1 else ".")
+            )
+        image = np.round(image * 255.0).astype(np.uint8)
+    else:
+        raise TypeError(
+            f"image must be uint8 or float in [0, 1], got dtype {image.dtype} "
+            "(scale other integer images to 0..255 uint8 first)"
+        )
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+class Predictor:
+    """A trained work directory, ready to predict on images of any size.
+
+    >>> predictor = Predictor("runs/unet")
+    >>> result = predictor.predict(np.zeros((480, 640, 3), np.uint8))
+    >>> result["classes"].shape
+    (480, 640)
+
+    `predict` returns, at the image's own resolution:
+
+    - semantic: ``classes`` (H, W) int32 class indices, ``class_names``, and
+      with ``probabilities=True`` also ``probabilities`` (H, W, K) float32
+      (the model's softmax on its canvas, resized bilinearly; ``classes`` is
+      their argmax).
+    - instance, detections scoring at least ``score_threshold``, best first:
+      ``boxes`` (N, 4) float64 ``(x1, y1, x2, y2)`` pixels, ``scores`` (N,),
+      ``classes`` (N,) int64 class indices, ``category_ids`` (N,) int64 (the
+      data set's own ids), ``category_names`` (N names), ``masks`` (N, H, W)
+      uint8 0/1.
+
+    Attributes:
+      task_name: ``"semantic"`` or ``"instance"``.
+      metadata: the run's `jfcnn.data.DatasetMetadata` (class names, image size, ...).
+      step: the restored checkpoint step.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        step: int | None = None,
+        score_threshold: float = 0.05,
+        batch_size: int = 8,
+        workers: int | None = None,
+    ):
+        """Restores ``workdir`` (latest checkpoint unless ``step``) on this machine's devices.
+
+        Args:
+          workdir: a training run's work directory.
+          step: the checkpoint step to use (default: the latest).
+          score_threshold: instance detections scoring below it are dropped.
+          batch_size: images per model call (rounded up to a multiple of the
+            device count); the last batch of a call is padded to it.
+          workers: host threads that decode, fit and map back images (default:
+            the CPU count, at most 8).
+
+        Raises:
+          UserError: the directory holds no usable run.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # TensorFlow only resizes images here; device memory stays with JAX.
+        tf.config.set_visible_devices([], "GPU")
+        self.config, self.task, variables, self.step = evaluate.load_trained(workdir, step)
+        self.metadata = self.task.metadata
+        self.task_name: str = self.task.name
+        self.class_names: tuple[str, ...] = tuple(self.metadata.class_names)
+        self.category_ids: tuple[int, ...] = tuple(int(c) for c in self.metadata.category_ids)
+        self.score_threshold = float(score_threshold)
+        self.image_size = int(self.metadata.image_size)
+        devices = jax.device_count()
+        self.batch_size = -(-batch_size // devices) * devices
+        self._mesh = state_lib.data_mesh()
+        self._batch_sharding = state_lib.batch_sharded(self._mesh)
+        self._variables = variables
+        self._forward = jax.jit(self._make_forward())
+        self._workers = workers or min(os.cpu_count() or 1, 8)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._workers, thread_name_prefix="jfcnn-predict"
+        )
+
+    def close(self) -> None:
+        """Stops the host threads (the predictor cannot be used afterwards)."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- public ------------------------------------------------------------
+    def predict(self, image: Any, *, probabilities: bool = False) -> dict[str, Any]:
+        """The prediction for one image at its own resolution (see the class docstring).
+
+        Args:
+          image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array (alpha is
+            dropped) of uint8 pixels or floats in [0, 1]; upright (a photo's
+            EXIF orientation is not known here: `jfcnn.data.images.load_image`
+            applies it to files).
+          probabilities: semantic only: also return ``probabilities`` (H, W, K).
+        """
+        return self.predict_batch([image], probabilities=probabilities)[0]
+
+    def predict_batch(
+        self, images: Sequence[Any], *, probabilities: bool = False
+    ) -> list[dict[str, Any]]:
+        """`predict` for several images (of any sizes), batched through the model."""
+        rgb = [as_rgb8(image) for image in images]  # Bad arrays raise before any work.
+        fitted = self._map_ahead(
+            lambda item: self._fit_one(Prediction(item[0], image=item[1])), enumerate(rgb)
+        )
+        return [p.result for p in self._run(fitted, probabilities)]
+
+    def predict_files(
+        self, paths: Iterable[str], *, probabilities: bool = False
+    ) -> Iterator[Prediction]:
+        """Predictions for image files, in order, as they are ready.
+
+        Files are read and fitted by a thread pool ahead of the model; a file
+        that cannot be read yields a `Prediction` whose ``error`` names it.
+        """
+        fitted = self._map_ahead(self._read_and_fit, paths)
+        yield from self._run(fitted, probabilities)
+
+    # -- host work ---------------------------------------------------------
+    def _read_and_fit(self, path: str) -> _Fitted:
+        try:
+            image = images_lib.load_image(path)
+        except images_lib.ImageReadError as e:
+            return _Fitted(Prediction(path, error=e))
+        return self._fit_one(Prediction(path, image=image))
+
+    def _fit_one(self, prediction: Prediction) -> _Fitted:
+        # Eager, like tf.data's map: a tf.function would let Grappler reorder the
+        # arithmetic, and the canvas would differ from evaluation's in the last bit.
+        canvas, resized_size = pipeline.fit_image(
+            prediction.image, self.image_size, bool(self.metadata.keep_aspect)
+        )
+        return _Fitted(prediction, canvas.numpy(), resized_size.numpy())
+
+    def _map_ahead(self, fn: Callable[[Any], _Fitted], items: Iterable[Any]) -> Iterator[_Fitted]:
+        """``map(fn, items)`` on the thread pool, in order, at most two batches ahead."""
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(self._pool.submit(fn, item))
+            if len(pending) >= 2 * self.batch_size:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def _run(self, fitted: Iterator[_Fitted], probabilities: bool) -> Iterator[Prediction]:
+        """Batches ``fitted`` through the model; batch k is mapped back while k + 1 runs."""
+        in_flight: collections.deque = collections.deque()
+        for chunk in _chunks(fitted, self.batch_size):
+            good = [f for f in chunk if f.prediction.error is None]
+            outputs = self._dispatch([f.canvas for f in good]) if good else None
+            in_flight.append((chunk, outputs))
+            if len(in_flight) > 1:
+                yield from self._finish(*in_flight.popleft(), probabilities)
+        while in_flight:
+            yield from self._finish(*in_flight.popleft(), probabilities)
+
+    def _finish(
+        self, chunk: list[_Fitted], outputs: Any, probabilities: bool
+    ) -> Iterator[Prediction]:
+        host = jax.device_get(outputs) if outputs is not None else None
+        jobs = []
+        index = 0
+        for f in chunk:
+            if f.prediction.error is None:
+                jobs.append(self._pool.submit(self._map_back, f, host, index, probabilities))
+                index += 1
+            else:
+                jobs.append(None)
+        for f, job in zip(chunk, jobs, strict=True):
+            if job is not None:
+                f.prediction.result = job.result()
+            yield f.prediction
+
+    def _map_back(self, fitted: _Fitted, host: Any, index: int, probabilities: bool) -> dict:
+        """One image's outputs on the canvas mapped to its own resolution."""
+        original_size = fitted.prediction.image.shape[:2]
+        if self.task_name == "semantic":
+            classes, probs = _upsample_probabilities(
+                tf.constant(host[index]),
+                tf.constant(fitted.resized_size, tf.int32),
+                tf.constant(original_size, tf.int32),
+            )
+            result = {"classes": classes.numpy(), "class_names": self.class_names}
+            if probabilities:
+                result["probabilities"] = probs.numpy()
+            return result
+        one = {key: value[index] for key, value in host.items()}
+        detections = instance_lib.detections_in_original(
+            one, fitted.resized_size, original_size, score_threshold=self.score_threshold
+        )
+        detections["category_ids"] = np.array(
+            [self.category_ids[c] for c in detections["classes"]], np.int64
+        )
+        detections["category_names"] = [self.class_names[c] for c in detections["classes"]]
+        return detections
+
+    # -- device work -------------------------------------------------------
+    def _make_forward(self) -> Callable[[Any, jax.Array], Any]:
+        model = self.task.model
+        mean = np.asarray(self.metadata.normalization["mean"], np.float32)
+        std = np.asarray(self.metadata.normalization["std"], np.float32)
+        semantic = self.task.name == "semantic"
+
+        def forward(variables, images_bss3):
+            # The normalization training applied (the identity for every data set today).
+            images_bss3 = (images_bss3 - mean) / std
+            outputs = model.apply(variables, images_bss3, train=False)
+            if semantic:
+                return jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)
+            return {key: outputs[key] for key in _INSTANCE_OUTPUTS}
+
+        return forward
+
+    def _dispatch(self, canvases: list[np.ndarray]) -> Any:
+        """Starts the model on up to ``batch_size`` canvases (padded); returns without waiting."""
+        size = self.image_size
+        batch = np.zeros((self.batch_size, size, size, 3), np.float32)
+        batch[: len(canvases)] = np.stack(canvases)
+        batch = jax.device_put(batch, self._batch_sharding)
+        return self._forward(self._variables, batch)
+
+
+def _chunks(fitted: Iterator[_Fitted], size: int) -> Iterator[list[_Fitted]]:
+    """Groups of ``size`` readable images, with the unreadable ones where they occurred."""
+    chunk: list[_Fitted] = []
+    good = 0
+    for f in fitted:
+        chunk.append(f)
+        good += f.prediction.error is None
+        if good == size:
+            yield chunk
+            chunk, good = [], 0
+    if chunk:
+        yield chunk
+
+
+@tf.function(
+    input_signature=[
+        tf.TensorSpec([None, None, None], tf.float32),
+        tf.TensorSpec([2], tf.int32),
+        tf.TensorSpec([2], tf.int32),
+    ]
+)
+def _upsample_probabilities(probs_ssk, resized_size, original_size):
+    """The image's part of the canvas probabilities, resized to ``original_size``; and argmax.
+
+    Bilinear on probabilities (antialiased when shrinking), then argmax: a
+    class map is never resized itself, so boundaries stay smooth.
+    """
+    probs_hwk = probs_ssk[: resized_size[0], : resized_size[1]]
+    probs_hwk = tf.image.resize(probs_hwk, original_size, method="bilinear", antialias=True)
+    return tf.argmax(probs_hwk, axis=-1, output_type=tf.int32), probs_hwk
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """An image file to predict: where it is, its name in predictions.json, its output stem."""
+
+    path: str
+    file_name: str
+    stem: str = ""
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
+    """The files named by ``inputs`` (files, directories, globs), each once, in order.
+
+    Returns:
+      ``(files, problems)``: ``problems`` names the inputs that match nothing.
+      Files have unique output stems (`unique_stems`).
+    """
+    files: list[InputFile] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str, file_name: str) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(InputFile(path, file_name))
+
+    def add_directory(directory: str) -> int:
+        found = images_lib.find_images(directory)
+        for path in found:
+            add(path, os.path.relpath(path, directory).replace(os.sep, "/"))
+        return len(found)
+
+    for item in inputs:
+        if os.path.isdir(item):
+            if not add_directory(item):
+                problems.append(
+                    f"{item}: no image files in this directory "
+                    f"({', '.join(images_lib.IMAGE_EXTENSIONS)})."
+                )
+        elif os.path.exists(item) or not glob.has_magic(item):
+            # A missing file is reported when it is read, in the input order.
+            add(item, os.path.basename(item))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            count = 0
+            for path in matches:
+                if os.path.isdir(path):
+                    count += add_directory(path)
+                elif path.lower().endswith(images_lib.IMAGE_EXTENSIONS):
+                    add(path, os.path.basename(path))
+                    count += 1
+            if not count:
+                problems.append(f"{item}: matches no image file.")
+    return unique_stems(files), problems
+
+
+def unique_stems(files: Sequence[InputFile]) -> list[InputFile]:
+    """``files`` with output stems: the file's stem, ``<stem>_<ext>`` when two share
+    a stem, and a counter after that."""
+    stems = [os.path.splitext(os.path.basename(f.path)) for f in files]
+    count = collections.Counter(stem for stem, _ in stems)
+    taken: set[str] = set()
+    out = []
+    for f, (stem, ext) in zip(files, stems, strict=True):
+        name = stem if count[stem] == 1 else f"{stem}_{ext.lstrip('.').lower() or 'file'}"
+        candidate, n = name, 2
+        while candidate in taken:
+            candidate, n = f"{name}_{n}", n + 1
+        taken.add(candidate)
+        out.append(dataclasses.replace(f, stem=candidate))
+    return out
+
+
+def class_png(classes: np.ndarray, num_classes: int) -> Any:
+    """A "P"-mode Pillow image whose pixel values are the class indices, in palette colors.
+
+    More than 256 classes do not fit a palette: those maps are 16-bit grayscale.
+    """
+    from PIL import Image
+
+    if num_classes > 256:
+        return Image.fromarray(classes.astype(np.uint16))
+    picture = Image.fromarray(classes.astype(np.uint8), mode="P")
+    colors = np.zeros((256, 3), np.uint8)
+    colors[:num_classes] = visualize.palette(num_classes)
+    picture.putpalette(colors.ravel().tolist())
+    return picture
+
+
+def _save_png(picture: Any, path: str) -> None:
+    from PIL import Image
+
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    # Fast compression: writing must not slow prediction down (files are ~10% larger).
+    picture.save(path, compress_level=1)
+
+
+def write_outputs(
+    prediction: Prediction, file: InputFile, out_dir: str, predictor: Predictor
+) -> list[dict[str, Any]]:
+    """Writes one image's PNGs; returns its predictions.json entries (instance task)."""
+    result, image = prediction.result, prediction.image
+    overlay_path = os.path.join(out_dir, f"{file.stem}_overlay.png")
+    if predictor.task_name == "semantic":
+        classes = result["classes"]
+        class_path = os.path.join(out_dir, f"{file.stem}.png")
+        _save_png(class_png(classes, len(predictor.class_names)), class_path)
+        _save_png(visualize.semantic_overlay(image, classes, predictor.class_names), overlay_path)
+        return []
+    num = len(result["scores"])
+    picture = visualize.draw_instances(
+        image,
+        result["boxes"],
+        result["classes"],
+        result["masks"],
+        np.ones(num, bool),
+        predictor.class_names,
+        result["scores"],
+    )
+    _save_png(picture, overlay_path)
+    boxes = result["boxes"]
+    entries = []
+    for n, rle in enumerate(instance_lib.encode_masks(result["masks"])):
+        x1, y1, x2, y2 = (float(v) for v in boxes[n])
+        entries.append(
+            {
+                "file_name": file.file_name,
+                "category_id": int(result["category_ids"][n]),
+                "category_name": result["category_names"][n],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(result["scores"][n]),
+                "segmentation": rle,
+            }
+        )
+    return entries
+
+
+def predict_to_directory(
+    predictor: Predictor,
+    files: Sequence[InputFile],
+    out_dir: str,
+    *,
+    progress: bool = True,
+    on_error: Callable[[str], None] | None = None,
+) -> int:
+    """Predicts ``files`` into ``out_dir``; returns how many could not be read.
+
+    Writing runs on a thread pool while the model works on the next batch.
+    ``on_error`` receives one message per unreadable file (default: an
+    ``error:`` line on stderr).
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
+    if on_error is None:
+        on_error = lambda message: bar.write(f"error: {message}", file=sys.stderr)
+    by_path = {f.path: f for f in files}
+    errors = 0
+    entries: list[dict[str, Any]] = []
+    writes: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jfcnn-write") as writer:
+        for prediction in predictor.predict_files([f.path for f in files]):
+            if prediction.error is not None:
+                errors += 1
+                on_error(str(prediction.error))
+            else:
+                file = by_path[prediction.source]
+                writes.append(writer.submit(write_outputs, prediction, file, out_dir, predictor))
+            # Finished writes release their images, so memory stays bounded on long runs;
+            # taking them in order keeps predictions.json in input order.
+            while writes and writes[0].done():
+                entries += writes.popleft().result()
+            bar.update(1)
+        while writes:
+            entries += writes.popleft().result()
+    bar.close()
+    if predictor.task_name == "instance":
+        path = os.path.join(out_dir, PREDICTIONS_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(entries, f)
+        os.replace(path + ".tmp", path)
+    return errors
+
+
+def main(argv: Sequence[str]) -> None:
+    inputs = list(argv[1:])
+    cli.quiet_library_logs()
+    if not inputs:
+        print("error: name at least one INPUT: image files, directories or globs.", file=sys.stderr)
+        sys.exit(1)
+    files, problems = collect_inputs(inputs)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not files:
+        print("error: no image files to predict.", file=sys.stderr)
+        sys.exit(1)
+    with cli.exit_on_user_error():
+        predictor = Predictor(
+            FLAGS.workdir,
+            step=FLAGS.step,
+            score_threshold=FLAGS.score_threshold,
+            batch_size=FLAGS.batch_size,
+        )
+    try:
+        with predictor:
+            errors = predict_to_directory(predictor, files, FLAGS.output)
+    except OSError as e:
+        print(f"error: could not write to {FLAGS.output} ({e.strerror or e}).", file=sys.stderr)
+        sys.exit(1)
+    written = len(files) - errors
+    print(f"Wrote the predictions of {written} image(s) to {FLAGS.output}")
+    if errors or problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
+    flags.DEFINE_string("output", None, "Directory for the predictions.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step to use (default: latest).")
+    flags.DEFINE_integer("batch_size", 8, "Images per model call (the last batch is padded).")
+    flags.DEFINE_float(
+        "score_threshold", 0.05, "Instance task: detections scoring below it are dropped."
+    )
+    FLAGS = flags.FLAGS
+    app.run(main)
