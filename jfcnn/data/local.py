@@ -126,16 +126,16 @@ def fingerprint(
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A builder for one source, made per call (it is not in the TFDS registry).
 
-    Class attributes that TFDS reads (``name``, ``VERSION``,
-    ``BUILDER_CONFIGS``) are set per instance, as
-    ``tfds.dataset_builders.AdhocBuilder`` does; unlike it, this builder stores
-    ``DatasetInfo.metadata`` (the fingerprint and the caller's metadata).
+    The class attributes that TFDS reads (``name``, ``VERSION``,
+    ``BUILDER_CONFIGS``) are set on a subclass made per call (`_builder_class`),
+    so that TFDS finds the config among the class's own. Unlike
+    ``tfds.dataset_builders.AdhocBuilder``, it stores ``DatasetInfo.metadata``
+    (the fingerprint and the caller's metadata) with the examples.
     """
 
     def __init__(
         self,
         *,
-        name: str,
         config_name: str,
         features: tfds.features.FeaturesDict,
         split_examples: Mapping[str, SplitExamples],
@@ -143,15 +143,11 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description: str,
         data_dir: str | None,
     ):
-        self.name = name
-        self.VERSION = tfds.core.Version(VERSION)
-        config = tfds.core.BuilderConfig(name=config_name, version=VERSION)
-        self.BUILDER_CONFIGS = [config]
         self._features = features
         self._split_examples = split_examples
         self._metadata = metadata
         self._description = description
-        super().__init__(data_dir=data_dir, config=config, version=VERSION)
+        super().__init__(data_dir=data_dir, config=config_name, version=VERSION)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -168,6 +164,12 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, **kwargs):  # Unused: `_split_generators` yields examples.
         raise NotImplementedError
+
+
+def _builder_class(name: str, config_name: str) -> type[_LocalBuilder]:
+    config = tfds.core.BuilderConfig(name=config_name, version=VERSION)
+    attributes = {"name": name, "VERSION": tfds.core.Version(VERSION), "BUILDER_CONFIGS": [config]}
+    return type(f"LocalBuilder_{config_name}", (_LocalBuilder,), attributes, skip_registration=True)
 
 
 def _read_stored(data_path: os.PathLike) -> dict[str, Any] | None:
@@ -244,8 +246,7 @@ def prepare(
     key = fingerprint(root, files, options)
 
     def make_builder(stored_metadata: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
-        return _LocalBuilder(
-            name=name,
+        return _builder_class(name, storage_name(source))(
             config_name=storage_name(source),
             features=features,
             split_examples=split_examples,
