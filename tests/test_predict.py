@@ -1,0 +1,431 @@
+"""python -m jfcnn.predict and jfcnn.predict.Predictor on tiny trained runs.
+
+Each prediction is checked against the model applied by hand to the image's
+`fit_image` canvas and mapped back independently; image files of other sizes
+and modes (grayscale, RGBA, 16-bit, EXIF-rotated) must give the predictions of
+the RGB pixels they decode to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tiny_configs
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from jfcnn import predict
+from jfcnn.data import images as images_lib
+from jfcnn.data import pipeline
+from jfcnn.tasks import instance
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+UNET_RUN = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4}
+TINY_MASKRCNN = {
+    "data.image_size": 64,
+    "data.train_split": "train[:16]",
+    "data.eval_split": "validation[:8]",
+    "data.shuffle_buffer": 16,
+    **tiny_configs.config_overrides(tiny_configs.MASKRCNN),
+    "batch_size": 8,
+    "num_train_steps": 2,
+    "warmup_steps": 1,
+    "log_every_steps": 2,
+    "eval_every_steps": 2,
+    "checkpoint_every_steps": 2,
+    "num_eval_images": 0,
+}
+
+
+def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image of smooth color blobs: class maps with regions, not noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+
+
+def with_keep_aspect(workdir, tmp_path) -> str:
+    """A copy of ``workdir`` whose data set metadata says: keep the aspect, pad the rest."""
+    copy = str(tmp_path / "keep_aspect")
+    shutil.copytree(workdir, copy)
+    path = os.path.join(copy, "dataset.json")
+    with open(path) as f:
+        metadata = json.load(f)
+    metadata["keep_aspect"] = True
+    with open(path, "w") as f:
+        json.dump(metadata, f)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def workdirs(runner, tmp_path_factory) -> dict[str, str]:
+    """The tiny U-Net and Mask R-CNN runs, trained side by side by train.py.
+
+    Both mostly compile, which keeps one core busy each: together they take
+    the time of the longer one.
+    """
+    unet_dir = str(tmp_path_factory.mktemp("unet"))
+    maskrcnn_dir = str(tmp_path_factory.mktemp("maskrcnn"))
+    commands = [
+        runner.command(unet_dir, **UNET_RUN),
+        runner.with_config("maskrcnn.py", TINY_MASKRCNN).command(maskrcnn_dir),
+    ]
+    processes = [
+        subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for command in commands
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"training failed:\n{stderr[-5000:]}"
+    return {"unet": unet_dir, "maskrcnn": maskrcnn_dir}
+
+
+@pytest.fixture(scope="module")
+def unet_workdir(workdirs) -> str:
+    return workdirs["unet"]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["stretch", "keep_aspect"])
+def unet(request, unet_workdir, tmp_path_factory) -> predict.Predictor:
+    workdir = unet_workdir
+    if request.param:
+        workdir = with_keep_aspect(workdir, tmp_path_factory.mktemp("unet_copy"))
+    with predict.Predictor(workdir, batch_size=2) as predictor:
+        assert predictor.metadata.keep_aspect == request.param
+        yield predictor
+
+
+@pytest.fixture(scope="module")
+def maskrcnn(workdirs, tmp_path_factory) -> predict.Predictor:
+    # COCO-style fitting (longer side to S, zero padding) exercises the crop when mapping back.
+    workdir = with_keep_aspect(workdirs["maskrcnn"], tmp_path_factory.mktemp("maskrcnn_copy"))
+    # Threshold 0: the barely trained model's detections all count.
+    with predict.Predictor(workdir, batch_size=2, score_threshold=0.0) as predictor:
+        yield predictor
+
+
+def expected_classes(predictor: predict.Predictor, image: np.ndarray) -> np.ndarray:
+    """The class map by hand: model on the fit_image canvas, softmax, crop, resize, argmax."""
+    size, keep_aspect = predictor.image_size, predictor.metadata.keep_aspect
+    canvas, (h, w) = pipeline.fit_image(image, size, keep_aspect)
+    logits = predictor.task.model.apply(predictor._variables, canvas.numpy()[None], train=False)
+    probs = jax.nn.softmax(np.asarray(logits[0], np.float32), axis=-1)[: int(h), : int(w)]
+    probs = tf.image.resize(np.asarray(probs), image.shape[:2], "bilinear", antialias=True)
+    return np.argmax(probs.numpy(), axis=-1)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
+
+
+# ---------------------------------------------------------------------------
+# Semantic
+
+
+def test_semantic_classes_are_the_model_on_the_fitted_canvas(unet):
+    image = smooth_image(45, 70, seed=1)
+    result = unet.predict(image, probabilities=True)
+    classes = result["classes"]
+    assert classes.shape == (45, 70)
+    assert result["class_names"] == unet.class_names
+    # Several classes, so that a misplaced map could not pass.
+    assert len(np.unique(classes)) >= 2
+    # The batch held another image and the padding: predictions do not depend on them
+    # beyond float rounding.
+    assert agreement(classes, expected_classes(unet, image)) > 0.999
+    probs = result["probabilities"]
+    assert probs.shape == (45, 70, len(unet.class_names))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(classes, np.argmax(probs, -1))
+
+
+def test_one_compiled_function_for_all_image_sizes(unet):
+    sizes = [(45, 70), (100, 30), (17, 17), (64, 96), (300, 200)]
+    images = [smooth_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    results = unet.predict_batch(images)
+    assert [r["classes"].shape for r in results] == sizes
+    for image, result in zip(images, results, strict=True):
+        assert agreement(result["classes"], expected_classes(unet, image)) > 0.999
+    assert unet._forward._cache_size() == 1
+
+
+def test_upscaled_copy_gives_the_upscaled_class_map(unet):
+    image = smooth_image(40, 60, seed=2)
+    small = unet.predict(image)["classes"]
+    big = unet.predict(np.repeat(np.repeat(image, 2, 0), 2, 1))["classes"]
+    assert big.shape == (80, 120)
+    # Not bit-equal (the canvases differ by resampling), but the same regions.
+    assert agreement(big, np.repeat(np.repeat(small, 2, 0), 2, 1)) > 0.95
+
+
+def test_array_kinds_give_the_predictions_of_their_rgb_pixels(unet):
+    image = smooth_image(33, 51, seed=3)
+    gray = np.asarray(Image.fromarray(image).convert("L"))
+    rgba = np.concatenate([image, np.full((33, 51, 1), 7, np.uint8)], axis=-1)
+    results = unet.predict_batch([image, image / 255.0, rgba, gray, gray[..., None]])
+    for result in results[1:3]:
+        np.testing.assert_array_equal(result["classes"], results[0]["classes"])
+    gray_rgb = unet.predict(np.repeat(gray[..., None], 3, -1))["classes"]
+    for result in results[3:]:
+        np.testing.assert_array_equal(result["classes"], gray_rgb)
+
+
+@pytest.mark.parametrize(
+    "image, error",
+    [
+        (np.zeros((4, 4, 3), np.int32), TypeError),
+        (np.full((4, 4, 3), 2.0), ValueError),
+        (np.zeros((4, 4, 2), np.uint8), ValueError),
+        (np.zeros((0, 4, 3), np.uint8), ValueError),
+    ],
+)
+def test_bad_arrays_are_rejected(image, error):
+    with pytest.raises(error):
+        predict.as_rgb8(image)
+
+
+def write_variants(directory, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Files of ``image`` in other formats and modes; returns stem -> upright RGB pixels."""
+    os.makedirs(directory, exist_ok=True)
+    gray = np.asarray(Image.fromarray(image).convert("L"))
+    gray_rgb = np.repeat(gray[..., None], 3, -1)
+    Image.fromarray(image).save(os.path.join(directory, "rgb.png"))
+    Image.fromarray(image).save(os.path.join(directory, "photo.jpg"), quality=95)
+    Image.fromarray(image).save(os.path.join(directory, "bitmap.bmp"))
+    Image.fromarray(gray).save(os.path.join(directory, "gray.png"))
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 9, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(os.path.join(directory, "rgba.png"))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(os.path.join(directory, "deep.png"))
+    # Stored turned (as a camera held sideways writes it), upright by its EXIF orientation
+    # 6 ("rotate 90 degrees clockwise to view").
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(image, 1)).save(os.path.join(directory, "turned.png"), exif=exif)
+    big = np.repeat(np.repeat(image, 2, 0), 2, 1)
+    Image.fromarray(big).save(os.path.join(directory, "big.png"))
+    expected = {
+        "rgb": image,
+        "bitmap": image,
+        "gray": gray_rgb,
+        "rgba": image,
+        "deep": gray_rgb,
+        "turned": image,
+        "big": big,
+    }
+    expected["photo"] = images_lib.load_image(os.path.join(directory, "photo.jpg"))
+    return expected
+
+
+def test_command_line_semantic_files(unet_workdir, tmp_path):
+    image = smooth_image(37, 58, seed=4)
+    expected = write_variants(tmp_path / "in", image)
+    # Same stem twice: both are kept, under <stem>_<extension>.
+    Image.fromarray(image).save(tmp_path / "in" / "rgb.bmp")
+    expected["rgb_png"], expected["rgb_bmp"] = expected.pop("rgb"), image
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "jfcnn.predict", "--workdir", unet_workdir, "--output", str(out)]
+        + [str(tmp_path / "in"), str(tmp_path / "missing.png"), "--batch_size", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, result.stderr[-3000:]
+    assert "broken.jpg" in errors[0] and "missing.png" in errors[1]
+    assert "img/s" in result.stderr  # The progress bar.
+
+    with predict.Predictor(unet_workdir) as predictor:
+        num_classes = len(predictor.class_names)
+        for stem, pixels in expected.items():
+            with Image.open(out / f"{stem}.png") as saved:
+                assert saved.mode == "P"
+                classes = np.asarray(saved)
+                palette = np.asarray(saved.getpalette()[: 3 * num_classes]).reshape(-1, 3)
+            assert classes.shape == pixels.shape[:2], stem
+            assert classes.max() < num_classes
+            np.testing.assert_array_equal(palette, predict.visualize.palette(num_classes))
+            want = predictor.predict(pixels)["classes"]
+            np.testing.assert_array_equal(classes, want, err_msg=stem)
+            with Image.open(out / f"{stem}_overlay.png") as overlay:
+                picture = np.asarray(overlay.convert("RGB"))
+            # The image, tinted where a class other than background is, then the legend.
+            tinted = predict.visualize.overlay(pixels, want, num_classes)
+            h, w = want.shape
+            np.testing.assert_array_equal(picture[:h, :w], tinted, err_msg=stem)
+            assert picture.shape[1] > w
+        # The upright EXIF photo has the class map of the upright pixels.
+        turned = np.asarray(Image.open(out / "turned.png"))
+        np.testing.assert_array_equal(turned, predictor.predict(image)["classes"])
+    assert not (out / "broken.png").exists()
+    assert sorted(os.listdir(out)) == sorted(
+        name for stem in expected for name in (f"{stem}.png", f"{stem}_overlay.png")
+    )
+
+
+def test_no_input_found_is_one_line(unet_workdir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "jfcnn.predict", "--workdir", unet_workdir]
+        + ["--output", str(tmp_path / "out"), str(tmp_path / "empty")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: no image files to predict.", result.stderr
+    assert "no image files in this directory" in lines[-2]
+
+
+def test_collect_inputs_directories_globs_and_stems(tmp_path):
+    for name in ("a/x.jpg", "a/sub/y.png", "a/.hidden.png", "a/notes.txt", "b/x.jpg", "c.png"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    files, problems = predict.collect_inputs(
+        [str(tmp_path / "a"), str(tmp_path / "b" / "*.jpg"), str(tmp_path / "c.png")]
+        + [str(tmp_path / "a" / "x.jpg"), str(tmp_path / "z*.png")]
+    )
+    assert [(f.file_name, f.stem) for f in files] == [
+        ("x.jpg", "x_jpg"),
+        ("sub/y.png", "y"),
+        ("x.jpg", "x_jpg_2"),
+        ("c.png", "c"),
+    ]
+    assert problems == [f"{tmp_path / 'z*.png'}: matches no image file."]
+
+
+# ---------------------------------------------------------------------------
+# Instance
+
+
+def expected_detections(predictor: predict.Predictor, image: np.ndarray) -> dict:
+    size, keep_aspect = predictor.image_size, predictor.metadata.keep_aspect
+    canvas, resized_size = pipeline.fit_image(image, size, keep_aspect)
+    batch = np.zeros((predictor.batch_size, size, size, 3), np.float32)
+    batch[0] = canvas
+    outputs = jax.device_get(instance.predict(predictor.task, predictor._variables, batch))
+    return instance.detections_in_original(
+        {key: value[0] for key, value in outputs.items()},
+        resized_size.numpy(),
+        image.shape[:2],
+        score_threshold=predictor.score_threshold,
+    )
+
+
+def assert_same_detections(got: dict, want: dict) -> None:
+    # Two compiled programs (the predictor returns fewer outputs): equal up to float rounding.
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["boxes"], want["boxes"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(got["classes"], want["classes"])
+    assert got["masks"].shape == want["masks"].shape
+    assert agreement(got["masks"], want["masks"]) > 0.999
+
+
+def test_instance_detections_are_the_model_outputs_mapped_back(maskrcnn):
+    images = [smooth_image(50, 90, seed=5), smooth_image(120, 41, seed=6)]
+    results = maskrcnn.predict_batch(images)
+    for image, result in zip(images, results, strict=True):
+        num = len(result["scores"])
+        assert num > 0
+        assert result["masks"].shape == (num, *image.shape[:2])
+        assert np.all(np.diff(result["scores"]) <= 0)
+        h, w = image.shape[:2]
+        assert np.all(result["boxes"] >= 0) and np.all(result["boxes"] <= [w, h, w, h])
+        ids = np.array(maskrcnn.category_ids)[result["classes"]]
+        np.testing.assert_array_equal(result["category_ids"], ids)
+        assert result["category_names"] == [maskrcnn.class_names[c] for c in result["classes"]]
+        assert_same_detections(result, expected_detections(maskrcnn, image))
+
+
+def test_instance_score_threshold_filters(maskrcnn):
+    image = smooth_image(50, 90, seed=5)
+    everything = maskrcnn.predict(image)
+    threshold = float(np.median(everything["scores"]))
+    maskrcnn.score_threshold = threshold
+    try:
+        kept = maskrcnn.predict(image)
+    finally:
+        maskrcnn.score_threshold = 0.0
+    assert len(kept["scores"]) == int(np.sum(everything["scores"] >= threshold))
+    np.testing.assert_array_equal(kept["masks"], everything["masks"][: len(kept["scores"])])
+
+
+def test_predictions_json_decodes_to_the_predictor_masks(maskrcnn, tmp_path):
+    image = smooth_image(70, 52, seed=7)
+    expected = write_variants(tmp_path / "in", image)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG broken")
+    files, problems = predict.collect_inputs([str(tmp_path / "in")])
+    assert not problems
+    messages = []
+    out = tmp_path / "out"
+    errors = predict.predict_to_directory(
+        maskrcnn, files, str(out), progress=False, on_error=messages.append
+    )
+    assert errors == 1 and "broken.png" in messages[0]
+    with open(out / "predictions.json") as f:
+        entries = json.load(f)
+    readable = [f for f in files if "broken" not in f.path]
+    assert {e["file_name"] for e in entries} == {f.file_name for f in readable}
+    assert {f.file_name for f in readable} == {
+        "rgb.png",
+        "photo.jpg",
+        "bitmap.bmp",
+        "gray.png",
+        "rgba.png",
+        "deep.png",
+        "turned.png",
+        "big.png",
+    }
+    for stem, pixels in expected.items():
+        name = next(f.file_name for f in files if f.stem == stem)
+        mine = [e for e in entries if e["file_name"] == name]
+        result = maskrcnn.predict(pixels)
+        assert len(mine) == len(result["scores"]) > 0, stem
+        masks = mask_utils.decode([e["segmentation"] for e in mine]).transpose(2, 0, 1)
+        np.testing.assert_array_equal(masks, result["masks"], err_msg=stem)
+        for entry, box, score, cid, cname in zip(
+            mine,
+            result["boxes"],
+            result["scores"],
+            result["category_ids"],
+            result["category_names"],
+            strict=True,
+        ):
+            assert entry["segmentation"]["size"] == list(pixels.shape[:2])
+            np.testing.assert_allclose(entry["bbox"], [*box[:2], *(box[2:] - box[:2])])
+            assert entry["score"] == pytest.approx(score)
+            assert (entry["category_id"], entry["category_name"]) == (cid, cname)
+        with Image.open(out / f"{stem}_overlay.png") as overlay:
+            assert overlay.size == (pixels.shape[1], pixels.shape[0])
+            picture = np.asarray(overlay.convert("RGB"))
+        drawn = predict.visualize.draw_instances(
+            pixels,
+            result["boxes"],
+            result["classes"],
+            result["masks"],
+            np.ones(len(result["scores"]), bool),
+            maskrcnn.class_names,
+            result["scores"],
+        )
+        np.testing.assert_array_equal(picture, drawn, err_msg=stem)
+    turned = [e for e in entries if e["file_name"] == "turned.png"]
+    assert turned[0]["segmentation"]["size"] == [70, 52]
