@@ -228,6 +228,8 @@ def evaluate_run(
             config, split=split, data_dir=data_dir, overrides=data_overrides
         )
         _check_same_classes(config, task)
+        # The task reads config.data too (e.g. which annotation file to score against).
+        task = tasks.get_task(config, task.metadata)
     metrics, images = run_evaluation(config, task, variables)
     metrics["step"] = restored_step
     return metrics, images
