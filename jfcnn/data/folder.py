@@ -188,9 +188,7 @@ def read_mask(path: str) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             mode = mask.mode
-            if mode in ("L", "P"):
-                return np.asarray(mask, dtype=np.uint8).copy()
-            if mode == "1":  # Bilevel: classes 0 and 1.
+            if mode in ("L", "P", "1"):  # "1": bilevel, classes 0 and 1.
                 return np.asarray(mask, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise local.LocalDataError(
