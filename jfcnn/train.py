@@ -391,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     tasks.validate_config(config)
     data_lib.get_spec(config.data.name)  # An unknown data set stops before any file is written.
+    config = _absolute_data_paths(config)
     workdir_lib.check(workdir)  # Before the data set is built; creates nothing.
     parallelism = get_parallelism(config)
     metadata = data_lib.dataset_metadata(config)  # Raises if the data set is not prepared.
@@ -399,6 +400,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with lock:
         _check_same_model(workdir, config)
         return _train(config, workdir, parallelism, metadata)
+
+
+# config.data keys that name files or directories.
+_DATA_PATH_KEYS = (
+    "data_dir",
+    "folder",
+    "train_annotations",
+    "train_images",
+    "eval_annotations",
+    "eval_images",
+)
+
+
+def _absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with relative data paths made absolute.
+
+    The saved config.json is read later by evaluation from any directory; a
+    path relative to where training started would point elsewhere then.
+    """
+    relative = {
+        key: config.data[key]
+        for key in _DATA_PATH_KEYS
+        if isinstance(config.data.get(key), str) and not os.path.isabs(config.data[key])
+    }
+    if not relative:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key, path in relative.items():
+            config.data[key] = os.path.abspath(os.path.expanduser(path))
+    return config
 
 
 def _check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -6,8 +6,7 @@ that calls `register` and one import line here.
 """
 
 # Each import registers a data set (`jfcnn_shapes` also registers its TFDS builder).
-from jfcnn.data import coco, coco_json, pets, shapes  # noqa: F401
-from jfcnn.data import folder  # noqa: F401
+from jfcnn.data import coco, coco_json, folder, pets, shapes  # noqa: F401
 from jfcnn.data.pipeline import (
     create_eval_iterator,
     create_train_iterator,
