@@ -182,3 +182,35 @@ def test_save_preview_without_instances(tmp_path):
         picture = np.asarray(png.convert("RGB"))
     assert picture.shape == (48, 2 * 48, 3)
     np.testing.assert_array_equal(picture[20, 48 + 10], visualize.palette(3)[2])
+
+
+def test_legend_rows_hold_swatch_colors_and_names():
+    colors = np.array([[230, 25, 75], [0, 130, 200]], np.uint8)
+    panel = visualize.legend(["circle", "a much longer class name"], colors)
+    assert panel.dtype == np.uint8 and panel.ndim == 3
+    # Each row starts with a swatch of its color (inside a black outline).
+    rows = [r for r in range(panel.shape[0]) if np.array_equal(panel[r, 6], colors[0])]
+    assert rows and all(np.array_equal(panel[r, 6], colors[0]) for r in rows)
+    assert any(np.array_equal(panel[r, 6], colors[1]) for r in range(rows[-1] + 1, len(panel)))
+    # Text is drawn (dark pixels right of the swatches); the longer name widens the panel.
+    assert (panel[:, 24:] < 100).any()
+    assert panel.shape[1] > visualize.legend(["circle", "x"], colors).shape[1]
+
+
+def test_legend_draws_without_any_font_file():
+    # Pillow's built-in font: no font file is looked up, whatever is installed.
+    panel = visualize.legend(["only"], np.array([[1, 2, 3]], np.uint8))
+    assert panel.shape[0] >= 8
+
+
+def test_semantic_overlay_keeps_the_picture_and_names_present_classes():
+    image = np.full((40, 30, 3), GRAY, np.uint8)
+    classes = np.zeros((40, 30), np.int64)
+    classes[10:20, 5:15] = 2
+    picture = visualize.semantic_overlay(image, classes, CLASS_NAMES)
+    np.testing.assert_array_equal(picture[:40, :30], visualize.overlay(image, classes, 3))
+    legend = visualize.legend(["square"], visualize.palette(3)[[2]])
+    assert picture.shape == (max(40, legend.shape[0]), 30 + legend.shape[1], 3)
+    np.testing.assert_array_equal(picture[: legend.shape[0], 30:], legend)
+    # White fills under the legend when the image is taller.
+    np.testing.assert_array_equal(picture[legend.shape[0] :, 30:], 255)
