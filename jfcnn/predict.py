@@ -187,7 +187,10 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         # TensorFlow only resizes images here; device memory stays with JAX.
-        tf.config.set_visible_devices([], "GPU")
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow already set up its devices (e.g. in a notebook).
+            pass
         self.config, self.task, variables, self.step = evaluate.load_trained(workdir, step)
         self.metadata = self.task.metadata
         self.task_name: str = self.task.name
