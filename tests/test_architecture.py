@@ -43,14 +43,22 @@ ALLOWED: dict[str, set[str]] = {
         "jfcnn.visualize",
     },
     "jfcnn.train_state": {"jfcnn.tasks", "jfcnn.models", "jfcnn.ops", "jfcnn.checkpoint"},
+    # Reading weight files and mapping torchvision keys: NumPy only (torch lazily, for .pth).
+    "jfcnn.weights": set(),
 }
 # The top: everything below it, but evaluation and prediction never import the training loop.
-TOP = {"jfcnn.evaluate": {"jfcnn.train"}, "jfcnn.predict": {"jfcnn.train"}, "jfcnn.train": set()}
+TOP = {
+    "jfcnn.evaluate": {"jfcnn.train"},
+    "jfcnn.predict": {"jfcnn.train"},
+    "jfcnn.train": set(),
+    "jfcnn.convert": set(),
+}
 # Third-party modules a part must not pull in, even transitively.
 FORBIDDEN_LIBRARIES = {
     "jfcnn.ops": {"tensorflow", "tensorflow_datasets", "optax", "orbax", "ml_collections"},
     "jfcnn.models": {"tensorflow", "tensorflow_datasets", "orbax", "ml_collections"},
     "jfcnn.tasks": {"tensorflow", "tensorflow_datasets", "orbax"},
+    "jfcnn.weights": {"torch", "tensorflow", "jax", "flax"},
 }
 
 

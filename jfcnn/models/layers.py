@@ -236,11 +236,12 @@ def norm_layer(
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     bn_axis_name: str | None = None,
+    epsilon: float = NORM_EPSILON,
 ) -> Callable[[jax.Array], jax.Array]:
     """The normalization layer ``kind`` for ``channels``-channel ``(B, H, W, C)`` maps.
 
     Called inside a model's compact method, the layer becomes its submodule
-    ``name``. All kinds use epsilon ``1e-5`` (PyTorch's). ``kind``:
+    ``name``. All kinds use epsilon ``1e-5`` (PyTorch's) unless told. ``kind``:
 
       ``"batch"``: ``flax.linen.BatchNorm``, ``scale``/``bias`` in
           ``params``, ``mean``/``var`` in ``batch_stats``; batch statistics
@@ -262,6 +263,8 @@ def norm_layer(
       param_dtype: dtype of trainable norm params.
       bn_axis_name: for ``"batch"``, the ``pmap``/``shard_map``/``vmap`` axis
         over which batch statistics are averaged; ``None`` for per-device.
+      epsilon: added to the variance; torchvision's published v1 detection
+        weights were trained with frozen batch norm of epsilon 0.
 
     Returns:
       A function of ``(B, H, W, C)`` maps returning the same shape.
@@ -270,7 +273,7 @@ def norm_layer(
         return nn.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
-            epsilon=NORM_EPSILON,
+            epsilon=epsilon,
             axis_name=bn_axis_name,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -279,13 +282,13 @@ def norm_layer(
     if kind == "group":
         return GroupNorm(
             num_groups=group_norm_groups(channels),
-            epsilon=NORM_EPSILON,
+            epsilon=epsilon,
             dtype=dtype,
             param_dtype=param_dtype,
             name=name,
         )
     if kind == "frozen_batch":
-        return FrozenBatchNorm(epsilon=NORM_EPSILON, dtype=dtype, name=name)
+        return FrozenBatchNorm(epsilon=epsilon, dtype=dtype, name=name)
     if kind == "none":
         return lambda x_bhwc: x_bhwc
     raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}.")

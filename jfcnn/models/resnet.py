@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfcnn.models.layers import norm_layer
+from jfcnn.models.layers import NORM_EPSILON, norm_layer
 
 Dtype = Any
 
@@ -81,6 +81,7 @@ class _ResidualBlock(nn.Module):
     norm: str = "frozen_batch"
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    norm_epsilon: float = NORM_EPSILON
 
     def layers(self) -> tuple[tuple[int, int, int], ...]:
         """``(output channels, kernel size, stride)`` of each convolution."""
@@ -94,6 +95,7 @@ class _ResidualBlock(nn.Module):
             name=name,
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
+            epsilon=self.norm_epsilon,
         )
 
     @nn.compact
@@ -205,6 +207,7 @@ class ResNetStage(nn.Module):
     norm: str = "frozen_batch"
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    norm_epsilon: float = NORM_EPSILON
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array, *, train: bool) -> jax.Array:
@@ -217,6 +220,7 @@ class ResNetStage(nn.Module):
                 norm=self.norm,
                 dtype=self.dtype,
                 bn_axis_name=self.bn_axis_name,
+                norm_epsilon=self.norm_epsilon,
                 name=f"block{i}",
             )(x_bhwc, train=train)
         return x_bhwc
@@ -255,6 +259,8 @@ class ResNet(nn.Module):
       norm: one of ``NORMS``.
       dtype: computation dtype (params stay float32).
       bn_axis_name: ``axis_name`` for cross-device ``norm="batch"`` statistics.
+      norm_epsilon: added to the variance in every norm (1e-5; torchvision's
+        published v1 detection weights need 0).
       return_stages: names of the feature maps to return; stages after the last
         requested one are not built (a C4 backbone uses ``("res4",)``).
 
@@ -272,6 +278,7 @@ class ResNet(nn.Module):
     norm: str = "frozen_batch"
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    norm_epsilon: float = NORM_EPSILON
     return_stages: Sequence[str] = FEATURE_NAMES
 
     @nn.compact
@@ -302,6 +309,7 @@ class ResNet(nn.Module):
             name="stem_norm",
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
+            epsilon=self.norm_epsilon,
         )(x_bhwc)
         x_bhwc = nn.relu(x_bhwc)
         x_bhwc = nn.max_pool(x_bhwc, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -317,6 +325,7 @@ class ResNet(nn.Module):
                 norm=self.norm,
                 dtype=self.dtype,
                 bn_axis_name=self.bn_axis_name,
+                norm_epsilon=self.norm_epsilon,
                 name=name,
             )(x_bhwc, train=train)
             features[name] = x_bhwc
