@@ -11,7 +11,7 @@ change):
         --config.data.folder=/path/to/DIR
     python -m jfcnn.evaluate --workdir runs/mine
 
-Pass an absolute folder path: the work directory remembers it for evaluation.
+The work directory remembers the folder (as an absolute path) for evaluation.
 On a TPU VM or GPU, add `--config.model.dtype=bfloat16`.
 """
 
