@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.stage_sizes = (1, 1, 1, 1)  # Blocks in res2..res5 (None: the depth's).
     config.model.width = 16  # Stem channels (64 in the standard ResNet).
     config.model.norm = "batch"  # "batch", "group" or "frozen_batch" (for pretrained weights).
+    # Pretrained backbone: a torchvision ImageNet ResNet state dict (.pth, .safetensors or
+    # .npz of resnet18/34/50/101 matching depth/stage_sizes/width), loaded at step 0 only.
+    config.model.backbone_weights = ml_collections.config_dict.placeholder(str)
+    # Backbone layers trained, from res5 down to the stem (0-5); None: 3 with
+    # backbone_weights, 5 without (torchvision's defaults). The others get no updates.
+    config.model.trainable_backbone_layers = ml_collections.config_dict.placeholder(int)
+    config.model.frozen_batch_norm = False  # True: torchvision's FrozenBatchNorm2d in the backbone.
     config.model.fpn_channels = 32
     config.model.fpn_in_features = ("res2", "res3", "res4")  # -> P2..P4, plus P5 for the RPN.
     # One tuple of anchor sizes (pixels) per RPN level; shapes are 20-80 px at 128 px.

@@ -164,5 +164,7 @@ def validate_config(
         choices = model_choices or {}
         for key in model_fields:
             allowed = tuple(choices[key]) if key in choices else None
-            schema[key] = Field((object,), choices=allowed, optional=True)
+            # Any value (the model checks its own); bool named so flags such as
+            # `frozen_batch_norm` pass the step-count guard above.
+            schema[key] = Field((object, bool), choices=allowed, optional=True)
         _check_section(config.model, schema, "model.", required=False)

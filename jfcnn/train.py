@@ -39,8 +39,14 @@ from jfcnn import data as data_lib
 from jfcnn import evaluate as evaluate_lib
 from jfcnn import tasks
 from jfcnn import train_state as state_lib
+from jfcnn import weights as weights_lib
 from jfcnn import workdir as workdir_lib
-from jfcnn.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from jfcnn.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    NonFiniteLossError,
+    TrainingInterrupted,
+)
 from jfcnn.train_state import TrainState
 
 PMAP_AXIS = "batch"
@@ -67,9 +73,35 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Sc
     )
 
 
+def frozen_param_paths(model: Any) -> tuple[tuple[str, ...], ...]:
+    """Param subtrees of ``model`` that training leaves unchanged.
+
+    The backbone layers a pretrained model keeps fixed
+    (``MaskRCNN.frozen_param_paths``, from ``model.trainable_backbone_layers``);
+    none for a model without the notion.
+    """
+    return tuple(getattr(model, "frozen_param_paths", ()))
+
+
+def _frozen_labels(frozen: tuple[tuple[str, ...], ...], params: Any) -> Any:
+    def label(path, _) -> str:
+        keys = tuple(str(getattr(entry, "key", entry)) for entry in path)
+        return "frozen" if any(keys[: len(p)] == p for p in frozen) else "trained"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def create_optimizer(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, *, frozen: tuple[tuple[str, ...], ...] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer of ``config`` and its learning-rate schedule.
+
+    Params under a ``frozen`` path (see :func:`frozen_param_paths`) get zero
+    updates and no optimizer state: they are outside the optimizer
+    (``optax.multi_transform`` with ``set_to_zero``), so neither weight decay
+    nor momentum moves them, and gradient clipping measures only the trained
+    params' gradients, as in PyTorch where frozen params have no gradient.
+    """
     schedule = create_learning_rate_schedule(config)
     if config.optimizer == "adam":
         tx = optax.adam(schedule)
@@ -79,6 +111,11 @@ def create_optimizer(
         tx = optax.sgd(schedule, momentum=config.momentum or None, nesterov=False)
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if frozen:
+        tx = optax.multi_transform(
+            {"trained": tx, "frozen": optax.set_to_zero()},
+            functools.partial(_frozen_labels, tuple(frozen)),
+        )
     return tx, schedule
 
 
@@ -346,16 +383,62 @@ def _save_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
     ckpt.save_config(workdir, config)
 
 
+def _load_backbone_weights(config, state: TrainState) -> TrainState:
+    """``state`` with ``config.model.backbone_weights`` (a torchvision ResNet) in its backbone."""
+    path = config.model.get("backbone_weights")
+    if not path:
+        return state
+    # The C4 design runs res5 in its ROI heads (a top-level `res5`): torchvision's
+    # layer4 goes there.
+    moved = ("res5",) if "res5" in state.params and "res5" not in state.params["backbone"] else ()
+    trees = {"params": state.params, **state.model_state}
+    expected = {
+        collection: {**tree["backbone"], **{name: tree[name] for name in moved if name in tree}}
+        for collection, tree in trees.items()
+        if "backbone" in tree
+    }
+    converted = weights_lib.resnet_variables(
+        weights_lib.read_state_dict(path), expected, source=path
+    )
+    converted = jax.tree.map(jnp.asarray, converted)
+    for collection, tree in converted.items():
+        top = {name: tree.pop(name) for name in moved if name in tree}
+        trees[collection] = {**trees[collection], "backbone": tree, **top}
+    params = trees.pop("params")
+    model_state = trees
+    logging.info("Loaded the backbone weights of %s.", path)
+    return state.replace(params=params, model_state=model_state)
+
+
 def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
     # The newest intact checkpoint: a damaged one is named, moved aside (never
     # deleted) and the one before it is used.
-    state = state_lib.restore_latest_intact(manager, task, tx)
+    try:
+        state = state_lib.restore_latest_intact(manager, task, tx)
+    except CheckpointMismatchError:
+        # A step-0 checkpoint (converted pretrained weights) holds no optimizer
+        # progress: fine-tuning it with another optimizer, or other frozen
+        # layers, starts that optimizer afresh on its variables.
+        if ckpt.latest_step(manager) != 0:
+            raise
+        variables, _ = state_lib.restore_variables(manager, task, 0)
+        params = variables.pop("params")
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=variables,
+            opt_state=tx.init(params),
+            rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
+        )
+        logging.info("Fine-tuning the step-0 checkpoint with a fresh optimizer state.")
     if state is None:
         rng = jax.random.PRNGKey(config.seed)
         init = jax.jit(functools.partial(state_lib.create_train_state, task, tx))
         # Initialization runs once: XLA's optimizing backend compiles the random
         # initializers for far longer than the unoptimized one needs to run them.
         state = init.lower(rng).compile(compiler_options=FAST_COMPILE)(rng)
+        # Pretrained weights enter at step 0 only: a resumed run keeps what it learned.
+        state = _load_backbone_weights(config, state)
     else:
         logging.info("Resuming from the checkpoint at step %d.", int(state.step))
     return parallelism.put_state(state)
@@ -392,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tasks.validate_config(config)
     data_lib.get_spec(config.data.name)  # An unknown data set stops before any file is written.
     config = _absolute_data_paths(config)
+    config = _check_backbone_weights(config)
     workdir_lib.check(workdir)  # Before the data set is built; creates nothing.
     parallelism = get_parallelism(config)
     metadata = data_lib.dataset_metadata(config)  # Raises if the data set is not prepared.
@@ -400,6 +484,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with lock:
         _check_same_model(workdir, config)
         return _train(config, workdir, parallelism, metadata)
+
+
+def _check_backbone_weights(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``model.backbone_weights`` made absolute; a missing file stops here."""
+    path = config.model.get("backbone_weights")
+    if not path:
+        return config
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config key `model.backbone_weights` is {path!r}; no such file.")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.backbone_weights = path
+    return config
 
 
 # config.data keys that name files or directories.
@@ -451,7 +549,7 @@ def _check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def _train(config, workdir: str, parallelism, metadata) -> dict[str, Any]:
     task = tasks.get_task(config, metadata, axis_name=parallelism.axis_name)
-    tx, schedule = create_optimizer(config)
+    tx, schedule = create_optimizer(config, frozen=frozen_param_paths(task.model))
 
     manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
     state = _restore_or_init(config, task, tx, parallelism, manager)

@@ -23,9 +23,13 @@ that names the first bad key and what was expected. Layouts:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,12 +82,24 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
-        import torch
-    except ImportError as e:
+        if sys.modules.get("torch", False) is None or importlib.util.find_spec("torch") is None:
+            raise ImportError("torch")
+    except (ImportError, ValueError) as e:
         raise MissingDependencyError(
             f"Reading {path} needs torch: run `pip install 'jfcnn[torch]'`, or convert the file "
             "to .safetensors or .npz (same keys) where torch is installed."
         ) from e
+    if "tensorflow" in sys.modules and "torch" not in sys.modules:
+        # Some torch builds crash when imported after TensorFlow (as in a
+        # training run, whose input pipeline is loaded first): read the file
+        # in a fresh interpreter instead.
+        return _read_torch_in_subprocess(path)
+    return _torch_state_dict(path)
+
+
+def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    import torch
+
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
@@ -91,6 +107,30 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     if not isinstance(loaded, Mapping):
         raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state_dict.")
     return {key: value.detach().cpu().numpy() for key, value in loaded.items()}
+
+
+def _read_torch_in_subprocess(path: str) -> dict[str, np.ndarray]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "weights.npz")
+        code = (
+            "import sys, numpy as np\n"
+            "from jfcnn.weights import _torch_state_dict\n"
+            "np.savez(sys.argv[2], **_torch_state_dict(sys.argv[1]))\n"
+        )
+        # The interpreter must find this jfcnn even when it is not installed.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", code, path, out], capture_output=True, text=True, env=env
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise WeightsError(f"Could not read {path} with torch: {last}")
+        with np.load(out, allow_pickle=False) as data:
+            return {key: np.asarray(data[key]) for key in data.files}
 
 
 # safetensors dtype names <-> NumPy dtypes (the ones state dicts use).
@@ -443,14 +483,25 @@ def resnet_variables(
         model's norm (all in ``batch_stats`` for frozen batch norm).
       source: the file, for messages.
       prefix: of the ResNet keys, e.g. ``"backbone.body."``; other keys are
-        an error.
+        an error, except those of stages ``expected`` lacks (a backbone that
+        stops at res4).
     """
     table = resnet_table(expected, prefix)
+    # A backbone that stops early (an FPN on res2-res4) has no place for the
+    # later stages; their keys are skipped, not an error.
+    unbuilt = tuple(
+        f"{prefix}{layer}." for stage, layer in _STAGES.items() if stage not in expected["params"]
+    )
+
+    def ignore(key: str) -> bool:
+        return bool(_IGNORED.search(key.removeprefix(prefix))) or key.startswith(unbuilt or ("\0",))
+
     return apply_table(
         table,
         state_dict,
         expected,
         source=source,
+        ignore=ignore,
         describe=lambda keys: _resnet_depth(keys, prefix),
     )
 

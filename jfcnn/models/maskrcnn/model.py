@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jfcnn.models.fpn import FPN
+from jfcnn.models.layers import NORM_EPSILON
 from jfcnn.models.maskrcnn.common import Dtype
 from jfcnn.models.maskrcnn.roi_heads import (
     ROI_ALIGN_MODES,
@@ -114,6 +115,18 @@ class MaskRCNN(nn.Module):
       mask_threshold: threshold of the pasted mask probabilities.
       dtype: computation dtype (losses and box arithmetic stay float32).
       bn_axis_name: cross-device axis of ``norm="batch"`` statistics.
+      frozen_batch_norm: build the backbone with frozen batch norm (statistics
+        and affine fixed, torchvision's ``FrozenBatchNorm2d``) whatever
+        ``norm`` says; the usual choice when fine-tuning pretrained weights.
+      norm_epsilon: the backbone norms' epsilon (1e-5; 0 for torchvision's
+        published v1 COCO weights, as torchvision sets when it loads them).
+      backbone_weights: a torchvision ImageNet ResNet state dict
+        (``.pth``, ``.safetensors`` or ``.npz``) that ``jfcnn.train`` loads into
+        the backbone when a run starts from step 0; the module itself does
+        not read it.
+      trainable_backbone_layers: 0-5, how many backbone layers (from res5
+        down to the stem) the optimizer updates; see
+        :attr:`frozen_backbone_layers`.
     """
 
     # The values a config may give the string fields (checked before a run starts).
@@ -163,6 +176,44 @@ class MaskRCNN(nn.Module):
     mask_threshold: float = 0.5
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    frozen_batch_norm: bool = False
+    norm_epsilon: float = NORM_EPSILON
+    backbone_weights: str | None = None
+    trainable_backbone_layers: int | None = None
+
+    @property
+    def backbone_norm(self) -> str:
+        """The norm the backbone is built with (``frozen_batch_norm`` overrides ``norm``)."""
+        return "frozen_batch" if self.frozen_batch_norm else self.norm
+
+    @property
+    def frozen_backbone_layers(self) -> tuple[str, ...]:
+        """Backbone children whose params the optimizer leaves alone (torchvision's rule).
+
+        The backbone's five layers, input first, are the stem (``stem_conv``,
+        ``stem_norm``), ``res2`` .. ``res5``; the last
+        ``trainable_backbone_layers`` of them train. ``None`` means 3 when
+        ``backbone_weights`` are loaded and 5 (all) otherwise, as
+        torchvision's detection builders default.
+        """
+        trainable = self.trainable_backbone_layers
+        if trainable is None:
+            trainable = 3 if self.backbone_weights else 5
+        if not 0 <= trainable <= 5:
+            raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable}.")
+        layers = (("stem_conv", "stem_norm"), ("res2",), ("res3",), ("res4",), ("res5",))
+        return tuple(name for group in layers[: 5 - trainable] for name in group)
+
+    @property
+    def frozen_param_paths(self) -> tuple[tuple[str, ...], ...]:
+        """Param subtrees training leaves unchanged: :attr:`frozen_backbone_layers`' paths.
+
+        The C4 design's res5 lives in its ROI heads, at the top level.
+        """
+        return tuple(
+            (name,) if self.roi_heads == "c4" and name == "res5" else ("backbone", name)
+            for name in self.frozen_backbone_layers
+        )
 
     def _roi_heads_class(self) -> type[ROIHeads]:
         if self.roi_heads not in ROI_HEADS:
@@ -179,7 +230,14 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"depth must be one of {sorted(RESNET_SPECS)}, got {self.depth}.")
         block_name, default_sizes = RESNET_SPECS[self.depth]
         stage_sizes = tuple(self.stage_sizes or default_sizes)
-        common = dict(norm=self.norm, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        _ = self.frozen_backbone_layers  # Rejects a bad trainable_backbone_layers early.
+        norm = self.backbone_norm
+        common = dict(
+            norm=norm,
+            dtype=self.dtype,
+            bn_axis_name=self.bn_axis_name,
+            norm_epsilon=self.norm_epsilon,
+        )
         heads = dict(
             num_classes=self.num_classes,
             batch_size_per_image=self.roi_batch_size_per_image,
@@ -212,7 +270,7 @@ class MaskRCNN(nn.Module):
                 res5_features=self.width * 8,
                 res5_block=block_name,
                 bn_axis_name=self.bn_axis_name,
-                norm=self.norm,
+                norm=norm,
                 **heads,
             )
         else:
