@@ -107,6 +107,9 @@ class MaskRCNN(nn.Module):
         (:func:`jfcnn.ops.roi_align_dense`: the same values as matrix
         products, no gather or scatter; its work grows with the map size, so
         only for small maps).
+      roi_align_aligned: ROI Align's half-pixel shift of the box and mask
+        heads (True, detectron2's); torchvision's ``maskrcnn_resnet50_fpn``
+        pools with ``aligned=False``, which its weights expect.
       canonical_scale, canonical_level: FPN level of a box (224, 4).
       box_head_dim: hidden width of the FPN box head.
       mask_head_channels, mask_head_convs: mask head width and depth (FPN;
@@ -165,6 +168,7 @@ class MaskRCNN(nn.Module):
     mask_pool_size: int = 14
     sampling_ratio: int = 2
     roi_align: str = "gather"
+    roi_align_aligned: bool = True
     canonical_scale: float = 224.0
     canonical_level: int = 4
     box_head_dim: int = 1024
@@ -248,6 +252,7 @@ class MaskRCNN(nn.Module):
             mask_pool_size=self.mask_pool_size,
             sampling_ratio=self.sampling_ratio,
             roi_align=self.roi_align,
+            aligned=self.roi_align_aligned,
             mask_head_channels=self.mask_head_channels,
             score_threshold=self.box_score_threshold,
             nms_threshold=self.box_nms_threshold,

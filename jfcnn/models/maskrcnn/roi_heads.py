@@ -198,6 +198,8 @@ class ROIHeads(nn.Module):
       sampling_ratio: ROI Align samples per bin axis (0 adaptive).
       roi_align: ``"gather"`` (:func:`jfcnn.ops.roi_align`) or ``"dense"``
         (:func:`jfcnn.ops.roi_align_dense`, the same values as matrix products).
+      aligned: ROI Align's half-pixel shift (True); torchvision's detection
+        models pool with ``aligned=False``.
       mask_head_channels: width of the mask head.
       score_threshold, nms_threshold, detections_per_image: inference.
       dtype: computation dtype (losses and box arithmetic stay float32).
@@ -212,6 +214,7 @@ class ROIHeads(nn.Module):
     mask_pool_size: int = 14
     sampling_ratio: int = 2
     roi_align: str = "gather"
+    aligned: bool = True
     mask_head_channels: int = 256
     score_threshold: float = 0.05
     nms_threshold: float = 0.5
@@ -410,7 +413,7 @@ class StandardROIHeads(ROIHeads):
             size,
             strides=tuple(self.strides),
             sampling_ratio=self.sampling_ratio,
-            aligned=True,
+            aligned=self.aligned,
             canonical_scale=self.canonical_scale,
             canonical_level=self.canonical_level,
         )
@@ -493,7 +496,7 @@ class Res5ROIHeads(ROIHeads):
             self.mask_pool_size,
             spatial_scale=1.0 / self.stride,
             sampling_ratio=self.sampling_ratio,
-            aligned=True,
+            aligned=self.aligned,
         )
         return self.res5(pooled.reshape(-1, *pooled.shape[2:]), train=train)
 
