@@ -38,12 +38,26 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def overlay(
     image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.5
 ) -> np.ndarray:
-    """Blends class colors of ``mask (H, W)`` over ``image``; class 0 stays unpainted."""
-    image = to_uint8(image).astype(np.float32)
-    colors = palette(num_classes)[np.clip(mask, 0, num_classes - 1)].astype(np.float32)
-    painted = (mask > 0)[..., None]
-    blended = np.where(painted, (1 - alpha) * image + alpha * colors, image)
-    return np.round(blended).astype(np.uint8)
+    """Blends class colors of ``mask (H, W)`` over ``image``; class 0 stays unpainted.
+
+    A pixel ``v`` of a class of color ``c`` becomes ``round((1 - alpha) * v +
+    alpha * c)`` (float32); classes above ``num_classes - 1`` get its color.
+    """
+    image8 = to_uint8(image)
+    colors = palette(num_classes)  # max(num_classes, 1) colors
+    last = len(colors) - 1
+    # The blend of every (class, channel, pixel value), computed by the formula above in
+    # float32: then each pixel is one lookup, with no float image temporaries. Table
+    # row 0 is unpainted (the pixel itself), row k the color of class min(k, last),
+    # so that a pixel's row is its class clipped to 0..last + 1.
+    levels = np.arange(256, dtype=np.float32)
+    table = np.empty((last + 2, 3, 256), np.uint8)
+    table[0] = levels.astype(np.uint8)
+    row_colors = colors[np.minimum(np.arange(1, last + 2), last)].astype(np.float32)
+    table[1:] = np.round((1 - alpha) * levels + alpha * row_colors[:, :, None]).astype(np.uint8)
+    row = np.clip(np.asarray(mask), 0, last + 1).astype(np.int32)
+    index = (row * 768)[..., None] + np.arange(0, 768, 256, dtype=np.int32) + image8
+    return np.take(table.reshape(-1), index)
 
 
 def segmentation_panel(
@@ -167,11 +181,19 @@ def draw_instances(
 
     tinted = image8.astype(np.float32)
     for n in slots:
-        inside = np.asarray(masks[n]).astype(bool)
+        mask = np.asarray(masks[n])
+        # Only the rows and columns the mask reaches: a detection costs its box, not the image.
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not len(rows):
+            continue
+        region = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        part = tinted[region]
         color = instance_color(n).astype(np.float32)
-        tinted[inside] = (1.0 - alpha) * tinted[inside] + alpha * color
+        blend = (1.0 - alpha) * part + alpha * color
+        np.copyto(part, blend, where=mask[region].astype(bool)[..., None])
     tinted = np.round(tinted).astype(np.uint8)
-    tinted = np.repeat(np.repeat(tinted, scale, axis=0), scale, axis=1)
+    if scale > 1:
+        tinted = np.repeat(np.repeat(tinted, scale, axis=0), scale, axis=1)
 
     canvas = Image.fromarray(tinted)
     draw = ImageDraw.Draw(canvas)
@@ -386,7 +408,9 @@ def semantic_overlay(
     """
     num_classes = len(class_names)
     classes = np.asarray(classes)
-    present = [int(k) for k in np.unique(classes) if 0 < k < num_classes]
+    # Counting beats sorting (np.unique); out-of-range values fall in the bins left out.
+    counts = np.bincount(np.clip(classes, 0, max(num_classes, 1)).ravel())
+    present = [k for k in range(1, min(num_classes, len(counts))) if counts[k]]
     tinted = overlay(image, classes, num_classes, alpha)
     colors = palette(num_classes)
     return with_legend(tinted, [class_names[k] for k in present], colors[present])

@@ -31,6 +31,11 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A few steps, so that the U-Net's class maps hold several classes (at initialization
+# they are one class). The Mask R-CNN's training step, whose compilation took most of
+# this file's time, is not needed: with no steps train.py still writes the whole work
+# directory (config, data set metadata, the step-0 checkpoint), and the initial model
+# detects plenty; prediction is checked against the model applied by hand.
 UNET_RUN = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4}
 TINY_MASKRCNN = {
     "data.image_size": 64,
@@ -39,11 +44,7 @@ TINY_MASKRCNN = {
     "data.shuffle_buffer": 16,
     **tiny_configs.config_overrides(tiny_configs.MASKRCNN),
     "batch_size": 8,
-    "num_train_steps": 2,
-    "warmup_steps": 1,
-    "log_every_steps": 2,
-    "eval_every_steps": 2,
-    "checkpoint_every_steps": 2,
+    "num_train_steps": 0,
     "num_eval_images": 0,
 }
 
@@ -279,19 +280,14 @@ def test_command_line_semantic_files(unet_workdir, tmp_path):
     )
 
 
-def test_no_input_found_is_one_line(unet_workdir, tmp_path):
+def test_no_input_found_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "jfcnn.predict", "--workdir", unet_workdir]
-        + ["--output", str(tmp_path / "out"), str(tmp_path / "empty")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1] == "error: no image files to predict.", result.stderr
+    # What the command runs after parsing its flags; it stops before loading any run.
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(["jfcnn.predict", str(tmp_path / "empty")])
+    assert stopped.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "error: no image files to predict."
     assert "no image files in this directory" in lines[-2]
 
 
@@ -429,3 +425,71 @@ def test_predictions_json_decodes_to_the_predictor_masks(maskrcnn, tmp_path):
         np.testing.assert_array_equal(picture, drawn, err_msg=stem)
     turned = [e for e in entries if e["file_name"] == "turned.png"]
     assert turned[0]["segmentation"]["size"] == [70, 52]
+    # --no_overlay: the same predictions.json (same batches), and no pictures.
+    bare = tmp_path / "no_overlay"
+    errors = predict.predict_to_directory(
+        maskrcnn, files, str(bare), progress=False, on_error=messages.append, overlay=False
+    )
+    assert errors == 1 and os.listdir(bare) == ["predictions.json"]
+    with open(bare / "predictions.json") as f:
+        assert json.load(f) == entries
+
+
+# ---------------------------------------------------------------------------
+# Host fast paths against independent references (no model).
+
+
+def test_detections_in_original_pastes_like_paste_masks_within_regions():
+    from jfcnn.ops import detection
+
+    rng = np.random.default_rng(0)
+    height, width, num = 300, 700, 12  # Wide: the pasting runs in several row blocks.
+    x1 = rng.uniform(-20, width - 40, num)
+    y1 = rng.uniform(-20, height - 40, num)
+    canvas_boxes = np.stack(
+        [x1, y1, x1 + rng.uniform(2, 600, num), y1 + rng.uniform(2, 300, num)], -1
+    ) * [64 / width, 64 / height, 64 / width, 64 / height]
+    outputs = {
+        "boxes": canvas_boxes.astype(np.float32),
+        "scores": rng.random(num).astype(np.float32),
+        "classes": rng.integers(1, 3, num),
+        "detection_valid": np.arange(num) != 3,
+        "mask_probs": rng.random((num, 28, 28)).astype(np.float32),
+    }
+    found = instance.detections_in_original(outputs, (64, 64), (height, width))
+    masks, regions = found["masks"], found["mask_regions"]
+    assert masks.shape == (num - 1, height, width) and masks.any()
+    keep = np.argsort(-outputs["scores"] * outputs["detection_valid"], kind="stable")[:-1]
+    want = detection.paste_masks(outputs["mask_probs"][keep], found["boxes"], (height, width))
+    # paste_masks runs in float32 on the device: equal but for pixels at the threshold.
+    assert agreement(masks, np.asarray(want)) > 0.9999
+    for mask, (row0, row1, col0, col1) in zip(masks, regions, strict=True):
+        assert mask.sum() == mask[row0:row1, col0:col1].sum()
+    np.testing.assert_array_equal(
+        masks[0], instance.paste_mask(outputs["mask_probs"][keep[0]], found["boxes"][0], (300, 700))
+    )
+
+
+def test_rle_from_regions_is_encode_masks():
+    rng = np.random.default_rng(1)
+    height, width = 23, 31
+    regions = np.array(
+        [[0, 23, 0, 31], [5, 9, 0, 4], [0, 1, 30, 31], [22, 23, 0, 31], [3, 3, 5, 9], [4, 20, 7, 7]]
+    )
+    masks = np.zeros((2 * len(regions), height, width), np.uint8)
+    for n, (row0, row1, col0, col1) in enumerate(np.concatenate([regions, regions])):
+        # Random pixels, then full regions: runs that start or end at the image's corners.
+        fill = rng.random((row1 - row0, col1 - col0)) < 0.5 if n < len(regions) else 1
+        masks[n, row0:row1, col0:col1] = fill
+    got = predict._rle_from_regions(masks, np.concatenate([regions, regions]))
+    assert got == instance.encode_masks(masks)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (37, 58, 3), (64, 5, 3)])
+def test_rgb_png_decodes_to_the_pixels(shape, tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    path = tmp_path / "picture.png"
+    path.write_bytes(predict.rgb_png(pixels))
+    with Image.open(path) as png:
+        assert png.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(png), pixels)

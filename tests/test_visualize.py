@@ -214,3 +214,74 @@ def test_semantic_overlay_keeps_the_picture_and_names_present_classes():
     np.testing.assert_array_equal(picture[: legend.shape[0], 30:], legend)
     # White fills under the legend when the image is taller.
     np.testing.assert_array_equal(picture[legend.shape[0] :, 30:], 255)
+
+
+# ---------------------------------------------------------------------------
+# The fast paths (lookup-table tint, mask-confined instance tint) against loops.
+
+
+def overlay_loop(image8: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float):
+    """`visualize.overlay` pixel by pixel, by its docstring's float32 formula."""
+    colors = visualize.palette(num_classes)
+    out = image8.copy()
+    for y, x in np.ndindex(mask.shape):
+        if mask[y, x] > 0:
+            color = colors[min(int(mask[y, x]), num_classes - 1)].astype(np.float32)
+            value = np.float32(1 - alpha) * image8[y, x].astype(np.float32)
+            out[y, x] = np.round(value + np.float32(alpha) * color).astype(np.uint8)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 0.77])
+@pytest.mark.parametrize("num_classes", [1, 3, 300])
+def test_overlay_matches_the_pixel_loop(num_classes, alpha):
+    rng = np.random.default_rng(num_classes)
+    image = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    # Negative labels (padding) stay unpainted; labels past the last class get its color.
+    mask = rng.integers(-2, num_classes + 3, (9, 13))
+    want = overlay_loop(image, mask, num_classes, alpha)
+    np.testing.assert_array_equal(visualize.overlay(image, mask, num_classes, alpha), want)
+    # Float images in [0, 1] are rounded to 8 bits first.
+    np.testing.assert_array_equal(
+        visualize.overlay(image / 255.0, mask.astype(np.int16), num_classes, alpha), want
+    )
+
+
+def test_semantic_overlay_legend_names_only_classes_present():
+    image = np.full((6, 6, 3), GRAY, np.uint8)
+    classes = np.array([[0, 3, -1, 7, 3, 0]] * 6)  # 7 and -1 are no class of 4.
+    picture = visualize.semantic_overlay(image, classes, ["bg", "a", "b", "c"])
+    legend = visualize.legend(["c"], visualize.palette(4)[[3]])
+    np.testing.assert_array_equal(picture[: legend.shape[0], 6:], legend)
+
+
+def draw_loop(image8, masks, valid, alpha):
+    """The tint of `draw_instances` (scale 1) over the whole image, slot by slot."""
+    tinted = image8.astype(np.float32)
+    for n in np.flatnonzero(valid):
+        inside = masks[n].astype(bool)
+        color = visualize.instance_color(n).astype(np.float32)
+        tinted[inside] = (1.0 - alpha) * tinted[inside] + alpha * color
+    return np.round(tinted).astype(np.uint8)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.35])
+def test_instance_tint_matches_the_whole_image_loop(alpha):
+    # Overlapping masks compound (in float32, rounded once); masks reach outside their
+    # boxes, have holes, or are empty. Boxes and labels all sit in the top-left corner.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    masks = np.zeros((5, 40, 50), np.uint8)
+    masks[0, 5:30, 10:45] = 1
+    masks[1, 20:40, 0:25] = rng.random((20, 25)) < 0.6
+    masks[2] = rng.random((40, 50)) < 0.1
+    masks[4, 0, 49] = masks[4, 39, 0] = 1
+    valid = np.array([True, True, True, True, False])
+    boxes = np.tile([0.0, 0.0, 1.0, 1.0], (5, 1))
+    drawn = visualize.draw_instances(
+        image, boxes, np.zeros(5, int), masks, valid, ["x"], alpha=alpha
+    )
+    want = draw_loop(image, masks, valid, alpha)
+    # Labels sit at the (clipped) top-left corner; compare below them.
+    np.testing.assert_array_equal(drawn[14:], want[14:])
+    np.testing.assert_array_equal(drawn[:, 20:], want[:, 20:])
