@@ -506,6 +506,15 @@ def resnet_variables(
     )
 
 
+def _detector_contents(keys: list[str]) -> str:
+    if not any(key.startswith("backbone.body.") for key in keys):
+        return (
+            f"no detector keys but {_resnet_depth(keys, '')}: an ImageNet classifier, which "
+            "is model.backbone_weights of a training run"
+        )
+    return _resnet_depth(keys, "backbone.body.") + " backbone"
+
+
 def maskrcnn_variables(
     state_dict: Mapping[str, Any],
     expected: Mapping[str, Any],
@@ -522,5 +531,5 @@ def maskrcnn_variables(
         current,
         expected,
         source=source,
-        describe=lambda keys: _resnet_depth(keys, "backbone.body.") + " backbone",
+        describe=lambda keys: _detector_contents(keys),
     )
