@@ -122,6 +122,7 @@ def maskrcnn_config(norm_epsilon: float) -> ml_collections.ConfigDict:
             "box_nms_threshold": 0.5,
             "detections_per_image": 100,
             "mask_threshold": 0.5,
+            "mask_paste": "torchvision",
             "dtype": "float32",
         }
     )

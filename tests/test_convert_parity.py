@@ -124,3 +124,89 @@ def test_features_proposals_and_detections_equal_torchvision(torch_model, conver
     got_masks, want_masks = np.asarray(out["mask_probs"][0, :n]), detections["masks"][:, 0].numpy()
     assert np.abs(got_masks - want_masks).mean() < 2e-3
     assert ((got_masks >= 0.5) == (want_masks >= 0.5)).mean() > 0.995
+
+
+def _box_iou(a, b):
+    """``(N, M)`` IoU of two sets of ``(x1, y1, x2, y2)`` boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def _matched_fraction(boxes_a, scores_a, labels_a, boxes_b, scores_b, labels_b):
+    """Share of detections of A with a detection of B of the same class, IoU >= 0.99,
+    score within 1e-3; and for each of them the index of that detection of B."""
+    iou = _box_iou(boxes_a, boxes_b)
+    ok = (
+        (iou >= 0.99)
+        & (labels_a[:, None] == labels_b[None, :])
+        & (np.abs(scores_a[:, None] - scores_b[None, :]) <= 1e-3)
+    )
+    return ok.any(1).mean(), np.where(ok.any(1), np.argmax(np.where(ok, iou, -1), 1), -1)
+
+
+def _canvas(resized_chw, canvas_hw):
+    """The resized image top-left on a canvas of torchvision's padding: the mean color."""
+    from jfcnn.models.maskrcnn import IMAGE_MEAN
+
+    image = np.transpose(resized_chw.numpy(), (1, 2, 0))
+    canvas = np.broadcast_to(np.asarray(IMAGE_MEAN, np.float32), (*canvas_hw, 3)).copy()
+    canvas[: image.shape[0], : image.shape[1]] = image
+    return jnp.asarray(canvas[None])
+
+
+def test_any_image_size_gives_torchvision_detections_and_masks(torch_model, converted):
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    model, variables, _, _ = converted
+    # 200 x 250 -> 320 x 400 (not a multiple of 32), padded by torchvision to 320 x 416,
+    # whose pooled P6 grid (5 x 7) steps anchors by 416 // 7 = 59 pixels, not 64.
+    resized, images, _, _, detections = _torch_run(torch_model, photo(200, 250, 11))
+    assert tuple(resized.shape[1:]) == (320, 400)
+    assert tuple(images.tensors.shape[2:]) == (320, 416)
+    want_boxes = detections["boxes"].numpy()
+    want_scores = detections["scores"].numpy()
+    want_labels = detections["labels"].numpy()
+    want_masks = paste_masks_in_image(detections["masks"], detections["boxes"], (320, 400))
+    want_masks = want_masks[:, 0].numpy() >= 0.5
+    assert len(want_scores) > 10
+    out = jax.jit(lambda v, x, s: model.apply(v, x, image_sizes=s))(
+        variables, _canvas(resized, (320, 416)), jnp.asarray([[320, 400]])
+    )
+    n = int(out["detection_valid"][0].sum())
+    boxes, scores = np.asarray(out["boxes"][0, :n]), np.asarray(out["scores"][0, :n])
+    labels = np.asarray(out["classes"][0, :n])
+    # Clipped to the resized image, not to the padded canvas.
+    assert boxes[:, 2].max() <= 400 and boxes[:, 3].max() <= 320
+    forward, match = _matched_fraction(want_boxes, want_scores, want_labels, boxes, scores, labels)
+    backward, _ = _matched_fraction(boxes, scores, labels, want_boxes, want_scores, want_labels)
+    assert forward >= 0.97 and backward >= 0.97, (forward, backward)
+    masks = np.asarray(out["masks"][0, :n, :320, :400]).astype(bool)
+    ious = [
+        (want_masks[i] & masks[j]).sum() / max((want_masks[i] | masks[j]).sum(), 1)
+        for i, j in enumerate(match)
+        if j >= 0
+    ]
+    assert np.mean(ious) >= 0.95, np.mean(ious)
+
+
+def test_a_larger_canvas_has_torchvision_anchors_only(torch_model, converted):
+    model, variables, _, _ = converted
+    resized, images, features, _, _ = _torch_run(torch_model, photo(200, 250, 11))
+    with torch.no_grad():
+        want = torch_model.rpn.anchor_generator(images, list(features.values()))[0].numpy()
+
+    def anchors(m, x, sizes):
+        rpn_maps, _ = m._features(x, False)
+        return m.rpn._image_anchors(rpn_maps, x.shape[1:3], sizes)
+
+    # A canvas of 384 x 512 has more grid cells than torchvision's 320 x 416 batch:
+    # those must never become proposals, and the others must be torchvision's anchors.
+    got, inside = model.apply(
+        variables, _canvas(resized, (384, 512)), jnp.asarray([[320, 416]]), method=anchors
+    )
+    got, inside = np.asarray(got[0]), np.asarray(inside[0])
+    assert inside.sum() == len(want) < len(inside)
+    np.testing.assert_array_equal(got[inside], want)

@@ -18,6 +18,7 @@ TORCHVISION_FIELDS = dict(
     num_classes=91,
     frozen_batch_norm=True,
     roi_align_aligned=False,
+    mask_paste="torchvision",
     rpn_pre_nms_top_n_test=1000,
     rpn_post_nms_top_n_test=1000,
 )

@@ -50,6 +50,7 @@ __all__ = [
     "crop_mask_targets",
     "match_boxes",
     "paste_masks",
+    "paste_masks_torchvision",
     "sample_balanced",
     "sample_rois",
     "select_detections",
@@ -537,6 +538,84 @@ def paste_masks(
     boxes = boxes.astype(jnp.float32)
     wy = _paste_weights(boxes[..., 1], boxes[..., 3], masks.shape[-2], height)
     wx = _paste_weights(boxes[..., 0], boxes[..., 2], masks.shape[-1], width)
+    pasted = jnp.einsum("...ym,...mn,...xn->...yx", wy, masks.astype(jnp.float32), wx)
+    if threshold is None:
+        return pasted
+    return (pasted >= threshold).astype(jnp.uint8)
+
+
+def _torchvision_paste_weights(
+    start: jax.Array, end: jax.Array, mask_size: int, image_size: int
+) -> jax.Array:
+    """``(..., image_size, mask_size)`` weights of torchvision's paste along one axis.
+
+    The box (already expanded by one mask pixel each side) is truncated to
+    ints ``b0 .. b1``; its ``n = b1 - b0 + 1`` pixels read the zero-padded
+    ``mask_size + 2`` mask resized to ``n`` by ``F.interpolate`` (bilinear,
+    ``align_corners=False``: source ``max((u + 0.5) * (M + 2) / n - 0.5, 0)``).
+    """
+    first = jnp.trunc(start).astype(jnp.int32)
+    count = jnp.maximum(jnp.trunc(end).astype(jnp.int32) - first + 1, 1)
+    padded = mask_size + 2
+    u = jnp.arange(image_size, dtype=jnp.int32) - first[..., None]
+    inside = (u >= 0) & (u < count[..., None])
+    scale = padded / count[..., None].astype(jnp.float32)
+    source = jnp.maximum((u.astype(jnp.float32) + 0.5) * scale - 0.5, 0.0)
+    low = jnp.minimum(jnp.floor(source), padded - 1)
+    high = jnp.minimum(low + 1, padded - 1)
+    frac = source - low
+    cells = jnp.arange(padded, dtype=jnp.float32)
+    weights = (cells == low[..., None]) * (1.0 - frac[..., None]) + (
+        cells == high[..., None]
+    ) * frac[..., None]
+    # The padding cells hold zeros: drop them.
+    return jnp.where(inside[..., None], weights, 0.0)[..., 1:-1]
+
+
+def paste_masks_torchvision(
+    masks: jax.Array,
+    boxes: jax.Array,
+    image_size: Sequence[int],
+    *,
+    threshold: float | None = 0.5,
+) -> jax.Array:
+    """torchvision's ``paste_masks_in_image``, with static shapes.
+
+    Each ``PH x PW`` mask is zero-padded by one pixel, its box scaled by
+    ``(P + 2) / P`` about its center (``expand_masks``/``expand_boxes``), the
+    box truncated to integer pixels, and the padded mask resized bilinearly
+    (``align_corners=False``) onto the box's pixels; pixels outside the box
+    are zero. The values of :func:`paste_masks`' other convention differ by
+    up to a pixel at mask edges; this one reproduces torchvision's output.
+
+    Args:
+      masks: ``(..., PH, PW)`` mask probabilities.
+      boxes: ``(..., 4)`` boxes ``(x1, y1, x2, y2)`` in image pixels.
+      image_size: ``(H, W)``, static.
+      threshold: pixels ``>= threshold`` are 1; None returns probabilities.
+
+    Returns:
+      ``(..., H, W)`` uint8 0/1, or float32 if ``threshold`` is None.
+
+    >>> paste_masks_torchvision(jnp.ones((1, 2, 2)), jnp.array([[1.0, 0.0, 3.0, 2.0]]), (3, 4))
+    Array([[[0, 0, 1, 0],
+            [0, 1, 1, 1],
+            [0, 0, 1, 0]]], dtype=uint8)
+    """
+    masks, boxes = jnp.asarray(masks), jnp.asarray(boxes, jnp.float32)
+    if masks.ndim < 2 or boxes.shape != (*masks.shape[:-2], 4):
+        raise ValueError(
+            f"masks (..., PH, PW) and boxes (..., 4) need the same leading dimensions, got "
+            f"{masks.shape} and {boxes.shape}"
+        )
+    height, width = (int(s) for s in image_size)
+    ph, pw = masks.shape[-2:]
+    # expand_boxes: half sizes scaled by (P + 2) / P about the center.
+    cx, cy = (boxes[..., 0] + boxes[..., 2]) * 0.5, (boxes[..., 1] + boxes[..., 3]) * 0.5
+    half_w = (boxes[..., 2] - boxes[..., 0]) * 0.5 * ((pw + 2) / pw)
+    half_h = (boxes[..., 3] - boxes[..., 1]) * 0.5 * ((ph + 2) / ph)
+    wy = _torchvision_paste_weights(cy - half_h, cy + half_h, ph, height)
+    wx = _torchvision_paste_weights(cx - half_w, cx + half_w, pw, width)
     pasted = jnp.einsum("...ym,...mn,...xn->...yx", wy, masks.astype(jnp.float32), wx)
     if threshold is None:
         return pasted

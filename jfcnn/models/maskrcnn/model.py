@@ -28,8 +28,9 @@ from jfcnn.models.maskrcnn.roi_heads import (
 )
 from jfcnn.models.maskrcnn.rpn import RPN
 from jfcnn.models.resnet import FEATURE_STRIDES, NORMS, RESNET_SPECS, ResNet
-from jfcnn.ops.detection import paste_masks
+from jfcnn.ops.detection import paste_masks, paste_masks_torchvision
 
+MASK_PASTE_MODES = ("centers", "torchvision")
 # Config fields that were renamed: old name -> new name (for config validation's message).
 RENAMED_FIELDS = {"mask_head": "roi_heads"}
 # torchvision's normalization of [0, 1] RGB input (ImageNet statistics).
@@ -116,6 +117,11 @@ class MaskRCNN(nn.Module):
         C4 uses the channels for its transposed conv).
       box_score_threshold, box_nms_threshold, detections_per_image: inference.
       mask_threshold: threshold of the pasted mask probabilities.
+      mask_paste: how masks are pasted into the image: ``"centers"``
+        (:func:`jfcnn.ops.detection.paste_masks`, pixel centers read the mask
+        in its box) or ``"torchvision"``
+        (:func:`jfcnn.ops.detection.paste_masks_torchvision`, torchvision's
+        one-pixel expansion and integer boxes).
       dtype: computation dtype (losses and box arithmetic stay float32).
       bn_axis_name: cross-device axis of ``norm="batch"`` statistics.
       frozen_batch_norm: build the backbone with frozen batch norm (statistics
@@ -136,6 +142,7 @@ class MaskRCNN(nn.Module):
     FIELD_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "roi_heads": tuple(ROI_HEADS),
         "roi_align": ROI_ALIGN_MODES,
+        "mask_paste": MASK_PASTE_MODES,
         "norm": NORMS,
         "dtype": ("float32", "bfloat16", "float16"),
     }
@@ -178,6 +185,7 @@ class MaskRCNN(nn.Module):
     box_nms_threshold: float = 0.5
     detections_per_image: int = 100
     mask_threshold: float = 0.5
+    mask_paste: str = "centers"
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     frozen_batch_norm: bool = False
@@ -355,8 +363,17 @@ class MaskRCNN(nn.Module):
         self.rpn.head(rpn_maps)
         self.heads.initialize(images.shape[0], pool_maps[0].shape[-1])
 
-    def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, image_sizes: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         """Detections of ``(B, H, W, 3)`` images in ``[0, 1]``.
+
+        ``image_sizes`` ``(B, 2)`` int: each image's ``(height, width)`` in
+        the top-left of its canvas, the rest padding. As torchvision does,
+        proposals and detections are clipped to it and anchors are limited
+        to it padded to a multiple of :attr:`size_divisor`; the padding
+        should hold ``IMAGE_MEAN`` (zero after normalization, torchvision's
+        padding). None: the whole canvas is image.
 
         Returns:
           ``boxes`` (B, D, 4) float32 pixel ``(x1, y1, x2, y2)``; ``scores``
@@ -368,9 +385,17 @@ class MaskRCNN(nn.Module):
         """
         image_size = images.shape[1:3]
         rpn_maps, pool_maps = self._features(images, train)
-        proposals, proposal_valid = self.rpn(rpn_maps, image_size)
-        detections = self.heads(pool_maps, proposals, proposal_valid, image_size, train=train)
-        masks = paste_masks(
+        padded_sizes = None
+        if image_sizes is not None:
+            image_sizes = jnp.asarray(image_sizes, jnp.int32)
+            divisor = self.size_divisor
+            padded_sizes = -(-image_sizes // divisor) * divisor
+        proposals, proposal_valid = self.rpn(rpn_maps, image_size, image_sizes, padded_sizes)
+        detections = self.heads(
+            pool_maps, proposals, proposal_valid, image_size, train=train, image_sizes=image_sizes
+        )
+        paste = paste_masks_torchvision if self.mask_paste == "torchvision" else paste_masks
+        masks = paste(
             detections["mask_probs"],
             detections["boxes"],
             image_size,

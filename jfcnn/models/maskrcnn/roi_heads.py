@@ -333,8 +333,13 @@ class ROIHeads(nn.Module):
         image_size: tuple[int, int],
         *,
         train: bool = False,
+        image_sizes: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Detections of ``(B, P, 4)`` proposals and their mask probabilities.
+
+        Boxes are clipped to ``image_sizes`` ``(B, 2)`` (each image's
+        ``(height, width)`` on the canvas, top-left), or to the canvas
+        ``image_size`` when None.
 
         Returns:
           ``boxes`` (B, D, 4), ``scores`` (B, D), ``classes`` (B, D) int32,
@@ -342,14 +347,16 @@ class ROIHeads(nn.Module):
           of the detected class (zeros in padding slots).
         """
         class_logits, box_deltas = self.box_predictions(maps, proposals, train)
+        if image_sizes is None:
+            image_sizes = jnp.broadcast_to(jnp.asarray(image_size), (proposals.shape[0], 2))
 
-        def detections_of(class_logits, box_deltas, proposals, proposal_valid):
+        def detections_of(class_logits, box_deltas, proposals, proposal_valid, size):
             return select_detections(
                 class_logits,
                 box_deltas,
                 proposals,
                 proposal_valid,
-                image_size,
+                size,
                 score_threshold=self.score_threshold,
                 nms_threshold=self.nms_threshold,
                 max_detections=self.detections_per_image,
@@ -357,7 +364,7 @@ class ROIHeads(nn.Module):
             )
 
         boxes, scores, classes, valid = jax.vmap(detections_of)(
-            class_logits, box_deltas, proposals, proposal_valid
+            class_logits, box_deltas, proposals, proposal_valid, image_sizes
         )
         mask_logits = self.mask_predictions(maps, boxes, train)
         return {

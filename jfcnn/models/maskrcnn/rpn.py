@@ -15,6 +15,7 @@ Letters used for shapes:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jfcnn.models.maskrcnn.common import Dtype, smooth_l1
-from jfcnn.ops.anchors import anchor_strides, multilevel_anchors
+from jfcnn.ops.anchors import anchor_strides, generate_anchors, multilevel_anchors
 from jfcnn.ops.boxes import box_iou, encode_boxes
 from jfcnn.ops.detection import match_boxes, sample_balanced, select_proposals
 
@@ -182,32 +183,97 @@ class RPN(nn.Module):
         per_location = len(self.aspect_ratios) * len(self.anchor_sizes[0])
         return jnp.asarray(anchors), [h * w * per_location for h, w in grids]
 
-    def _proposals(self, anchors, level_sizes, objectness, deltas, image_size, *, train: bool):
+    def _proposals(
+        self, anchors, level_sizes, objectness, deltas, image_size, *, train: bool, sizes=None
+    ):
         pre_nms_top_n = self.pre_nms_top_n_train if train else self.pre_nms_top_n_test
         post_nms_top_n = self.post_nms_top_n_train if train else self.post_nms_top_n_test
+        if sizes is None:
+            sizes = jnp.broadcast_to(jnp.asarray(image_size), (objectness.shape[0], 2))
 
-        def proposals_of(objectness, deltas):
+        def proposals_of(anchors, objectness, deltas, size):
             proposals, _, valid = select_proposals(
                 anchors,
                 objectness,
                 deltas,
                 level_sizes,
-                image_size,
+                size,
                 pre_nms_top_n=pre_nms_top_n,
                 post_nms_top_n=post_nms_top_n,
                 nms_threshold=self.nms_threshold,
             )
             return proposals, valid
 
-        return jax.vmap(proposals_of)(objectness, deltas)
+        # Anchors are shared by the batch, or (B, N, 4) per image.
+        anchor_axis = 0 if anchors.ndim == 3 else None
+        return jax.vmap(proposals_of, in_axes=(anchor_axis, 0, 0, 0))(
+            anchors, objectness, deltas, sizes
+        )
 
     def __call__(
-        self, feature_maps: Sequence[jax.Array], image_size: tuple[int, int]
+        self,
+        feature_maps: Sequence[jax.Array],
+        image_size: tuple[int, int],
+        image_sizes: jax.Array | None = None,
+        padded_sizes: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Inference proposals: ``(B, P, 4)`` pixel boxes and ``(B, P)`` bool validity."""
+        """Inference proposals: ``(B, P, 4)`` pixel boxes and ``(B, P)`` bool validity.
+
+        Args:
+          feature_maps: the RPN's levels, finest first.
+          image_size: ``(H, W)`` of the canvas (static).
+          image_sizes: ``(B, 2)`` int, each image's ``(height, width)`` on the
+            canvas (top-left); proposals are clipped to it (torchvision clips
+            to the resized image, not its padded batch). None: the canvas.
+          padded_sizes: ``(B, 2)`` int, the region anchors may lie in (the
+            image padded as torchvision pads its batch); anchors of grid
+            cells past it never become proposals, so a canvas larger than
+            torchvision's adds none from its padding. None: the canvas.
+        """
         objectness, deltas = self.head(feature_maps)
         anchors, level_sizes = self.anchors(feature_maps, image_size)
-        return self._proposals(anchors, level_sizes, objectness, deltas, image_size, train=False)
+        if padded_sizes is not None:
+            anchors, inside = self._image_anchors(feature_maps, image_size, padded_sizes)
+            objectness = jnp.where(inside, objectness, -jnp.inf)
+        return self._proposals(
+            anchors, level_sizes, objectness, deltas, image_size, train=False, sizes=image_sizes
+        )
+
+    def _image_anchors(self, feature_maps, image_size, padded_sizes):
+        """Each image's anchors as torchvision places them on its padded image alone.
+
+        torchvision's grid of a level covers ``ceil(padded / s)`` cells for the
+        level's nominal stride ``s`` (4 .. 64) and its anchors step by
+        ``padded // cells``, which is not ``s`` for a pooled top level (P6)
+        whose grid rounds up. Cells past that grid (canvas padding) are not
+        inside.
+
+        Returns:
+          ``(anchors, inside)``: ``(B, N, 4)`` float32 and ``(B, N)`` bool.
+        """
+        padded = jnp.asarray(padded_sizes, jnp.int32)
+        batch = padded.shape[0]
+        anchors, inside = [], []
+        for feature_map, level_sizes in zip(feature_maps, self.anchor_sizes, strict=True):
+            h, w = feature_map.shape[1:3]
+            nominal = [
+                2 ** round(math.log2(size / cells))
+                for size, cells in zip(image_size, (h, w), strict=True)
+            ]
+            cells_h = -(-padded[:, 0] // nominal[0])
+            cells_w = -(-padded[:, 1] // nominal[1])
+            ys = (jnp.arange(h)[None] * (padded[:, 0] // cells_h)[:, None]).astype(jnp.float32)
+            xs = (jnp.arange(w)[None] * (padded[:, 1] // cells_w)[:, None]).astype(jnp.float32)
+            ys = jnp.broadcast_to(ys[:, :, None], (batch, h, w))
+            xs = jnp.broadcast_to(xs[:, None, :], (batch, h, w))
+            shifts = jnp.stack([xs, ys, xs, ys], axis=-1)
+            base = jnp.asarray(generate_anchors(level_sizes, self.aspect_ratios))
+            anchors.append((shifts[:, :, :, None, :] + base).reshape(batch, -1, 4))
+            cells = (jnp.arange(h)[None, :, None] < cells_h[:, None, None]) & (
+                jnp.arange(w)[None, None, :] < cells_w[:, None, None]
+            )
+            inside.append(jnp.repeat(cells.reshape(batch, -1), len(base), axis=1))
+        return jnp.concatenate(anchors, axis=1), jnp.concatenate(inside, axis=1)
 
     def losses(
         self,
