@@ -1,0 +1,135 @@
+"""Mask R-CNN ResNet-50-FPN inference: a converted jfcnn model against torchvision's own.
+
+torchvision's ``maskrcnn_resnet50_fpn`` (random weights unless ``--weights``,
+batch-norm statistics calibrated on a random image) runs in eval mode on
+an image of ``--height x --width`` (COCO size by default: 800 x 1333, which
+torchvision's transform keeps and pads to 800 x 1344); the same weights,
+converted by ``jfcnn.weights.maskrcnn_variables`` into the model
+``python -m jfcnn.convert`` writes, run under ``jit`` on the same image on an
+800 x 1344 canvas with ``image_sizes`` (torchvision's inference semantics).
+Both use every CPU thread; repeats alternate between the two and the medians
+are compared, so load from other processes hits both alike. Compile time is
+reported on its own.
+
+    python benchmarks/maskrcnn_infer.py
+    python benchmarks/maskrcnn_infer.py --height=480 --width=640 --repeats=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch  # Before TensorFlow (imported by jfcnn.convert): the other order can crash.
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jfcnn import convert, tasks, weights  # noqa: E402
+from jfcnn.models.maskrcnn import IMAGE_MEAN, MaskRCNN  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--repeats", type=int, default=5, help="Timed runs per framework.")
+    parser.add_argument("--weights", default=None, help="A maskrcnn_resnet50_fpn state dict.")
+    return parser.parse_args(argv)
+
+
+def torch_model(weights_path: str | None):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    if weights_path:
+        current, _ = weights.current_key_names(weights.read_state_dict(weights_path))
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in current.items()})
+    else:
+        with torch.no_grad():  # Realistic activations: statistics of a random image.
+            for module in model.backbone.body.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.momentum = None
+            model.backbone.body.train()
+            model.backbone.body(torch.rand(1, 3, 512, 512))
+    return model.eval()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(
+        f"torch {torch.__version__} torchvision {torchvision.__version__} jax {jax.__version__}, "
+        f"{os.cpu_count()} CPU threads, image {args.height} x {args.width}"
+    )
+    tv = torch_model(args.weights)
+    state = {k: v.numpy() for k, v in tv.state_dict().items()}
+    config = convert.maskrcnn_config(norm_epsilon=1e-5)
+    task = tasks.get_task(config, convert.coco_metadata())
+    model: MaskRCNN = task.model
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), method=MaskRCNN.initialize)
+    )
+    variables = jax.tree.map(jnp.asarray, weights.maskrcnn_variables(state, expected))
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (args.height, args.width, 3)).astype(np.float32)
+    image_t = torch.from_numpy(image).permute(2, 0, 1)
+    with torch.no_grad():
+        resized = tv.transform.resize(image_t, None)[0]
+    height, width = resized.shape[1:]
+    canvas_hw = tuple(math.ceil(s / 32) * 32 for s in (height, width))
+    canvas = np.broadcast_to(np.asarray(IMAGE_MEAN, np.float32), (*canvas_hw, 3)).copy()
+    canvas[:height, :width] = resized.permute(1, 2, 0).numpy()
+    canvas = jnp.asarray(canvas[None])
+    sizes = jnp.asarray([[height, width]], jnp.int32)
+
+    start = time.perf_counter()
+    forward = (
+        jax.jit(lambda v, x, s: model.apply(v, x, image_sizes=s))
+        .lower(variables, canvas, sizes)
+        .compile()
+    )
+    compile_s = time.perf_counter() - start
+
+    def run_jfcnn() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(forward(variables, canvas, sizes))
+        return time.perf_counter() - start
+
+    def run_torch() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            tv([image_t])
+        return time.perf_counter() - start
+
+    first = {"jfcnn": run_jfcnn(), "torchvision": run_torch()}
+    times: dict[str, list[float]] = {"jfcnn": [], "torchvision": []}
+    for _ in range(args.repeats):
+        times["jfcnn"].append(run_jfcnn())
+        times["torchvision"].append(run_torch())
+
+    print()
+    print("| | images/s (median) | min..max s | compile (s) | first run (s) |")
+    print("|---|---|---|---|---|")
+    for name, values in times.items():
+        compile_cell = f"{compile_s:.1f}" if name == "jfcnn" else "-"
+        print(
+            f"| {name} | {1 / statistics.median(values):.3f} | {min(values):.2f}.."
+            f"{max(values):.2f} | {compile_cell} | {first[name]:.2f} |"
+        )
+    ratio = statistics.median(times["torchvision"]) / statistics.median(times["jfcnn"])
+    print(f"\njfcnn / torchvision throughput: {ratio:.2f}x (target >= 1.0x)")
+
+
+if __name__ == "__main__":
+    main()
