@@ -189,12 +189,25 @@ def with_data_overrides(
 
 def _check_same_classes(config: ml_collections.ConfigDict, task: Task) -> None:
     """Stops an evaluation on data whose classes are not the ones the model was trained on."""
-    data_names = data_lib.dataset_metadata(config).class_names
+    data_names = tuple(data_lib.dataset_metadata(config).class_names)
     trained = tuple(task.metadata.class_names)
-    if tuple(data_names) != trained:
+    if data_names != trained:
+        first = next(
+            (
+                k
+                for k, pair in enumerate(zip(data_names, trained, strict=False))
+                if pair[0] != pair[1]
+            ),
+            min(len(data_names), len(trained)),
+        )
+
+        def name(names, k):
+            return repr(names[k]) if k < len(names) else "none"
+
         raise ConfigError(
-            f"The evaluation data has the classes {list(data_names)}, but the model was trained "
-            f"on {list(trained)}; evaluate it on data with the same classes."
+            f"The evaluation data ({config.data.name}) has {len(data_names)} classes and the "
+            f"model {len(trained)}; class {first} is {name(data_names, first)} in the data and "
+            f"{name(trained, first)} in the model. Evaluate it on data with the model's classes."
         )
 
 
@@ -227,9 +240,11 @@ def evaluate_run(
         config = with_data_overrides(
             config, split=split, data_dir=data_dir, overrides=data_overrides
         )
-        _check_same_classes(config, task)
         # The task reads config.data too (e.g. which annotation file to score against).
         task = tasks.get_task(config, task.metadata)
+    # The model's classes come from the work directory, the ground truth's from the data:
+    # scoring one against the other needs them to be the same classes.
+    _check_same_classes(config, task)
     metrics, images = run_evaluation(config, task, variables)
     metrics["step"] = restored_step
     return metrics, images

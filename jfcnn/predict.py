@@ -409,8 +409,14 @@ class InputFile:
     stem: str = ""
 
 
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
+def collect_inputs(
+    inputs: Sequence[str], *, exclude_dir: str | None = None
+) -> tuple[list[InputFile], list[str]]:
     """The files named by ``inputs`` (files, directories, globs), each once, in order.
+
+    Files under ``exclude_dir`` (the output directory) found by searching a
+    directory or a glob are left out, so that an output directory inside an
+    input directory never feeds its pictures back in.
 
     Returns:
       ``(files, problems)``: ``problems`` names the inputs that match nothing.
@@ -419,9 +425,12 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
     files: list[InputFile] = []
     problems: list[str] = []
     seen: set[str] = set()
+    excluded = os.path.realpath(exclude_dir) + os.sep if exclude_dir else None
 
-    def add(path: str, file_name: str) -> None:
+    def add(path: str, file_name: str, *, searched: bool = True) -> None:
         key = os.path.realpath(path)
+        if searched and excluded and key.startswith(excluded):
+            return
         if key not in seen:
             seen.add(key)
             files.append(InputFile(path, file_name))
@@ -441,7 +450,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
                 )
         elif os.path.exists(item) or not glob.has_magic(item):
             # A missing file is reported when it is read, in the input order.
-            add(item, os.path.basename(item))
+            add(item, os.path.basename(item), searched=False)
         else:
             matches = sorted(glob.glob(item, recursive=True))
             count = 0
@@ -458,17 +467,19 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputFile], list[str]]:
 
 def unique_stems(files: Sequence[InputFile]) -> list[InputFile]:
     """``files`` with output stems: the file's stem, ``<stem>_<ext>`` when two share
-    a stem, and a counter after that."""
+    a stem, and a counter after that. No two files' outputs share a name (the
+    overlay of ``x.jpg``, ``x_overlay.png``, is not the class map of an input
+    ``x_overlay.png``)."""
     stems = [os.path.splitext(os.path.basename(f.path)) for f in files]
     count = collections.Counter(stem for stem, _ in stems)
-    taken: set[str] = set()
+    taken: set[str] = set()  # Output names without ".png".
     out = []
     for f, (stem, ext) in zip(files, stems, strict=True):
         name = stem if count[stem] == 1 else f"{stem}_{ext.lstrip('.').lower() or 'file'}"
         candidate, n = name, 2
-        while candidate in taken:
+        while candidate in taken or f"{candidate}_overlay" in taken:
             candidate, n = f"{name}_{n}", n + 1
-        taken.add(candidate)
+        taken.update((candidate, f"{candidate}_overlay"))
         out.append(dataclasses.replace(f, stem=candidate))
     return out
 
@@ -612,6 +623,22 @@ def write_outputs(
     return entries
 
 
+def _check_no_input_overwritten(files: Sequence[InputFile], out_dir: str, *, overlay: bool) -> None:
+    """Stops, before anything is written, if an output file would replace an input file."""
+    inputs = {os.path.realpath(f.path): f.path for f in files}
+    outputs = [os.path.join(out_dir, PREDICTIONS_FILE)]
+    for f in files:
+        outputs.append(os.path.join(out_dir, f"{f.stem}.png"))
+        if overlay:
+            outputs.append(os.path.join(out_dir, f"{f.stem}_overlay.png"))
+    for path in outputs:
+        if os.path.realpath(path) in inputs:
+            raise UserError(
+                f"{inputs[os.path.realpath(path)]} is an input and would be overwritten by "
+                f"the predictions written to {out_dir}; pass another --output directory."
+            )
+
+
 def predict_to_directory(
     predictor: Predictor,
     files: Sequence[InputFile],
@@ -629,6 +656,7 @@ def predict_to_directory(
     """
     from tqdm import tqdm
 
+    _check_no_input_overwritten(files, out_dir, overlay=overlay)
     os.makedirs(out_dir, exist_ok=True)
     bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
     if on_error is None:
@@ -675,7 +703,9 @@ def main(argv: Sequence[str]) -> None:
     if not inputs:
         print("error: name at least one INPUT: image files, directories or globs.", file=sys.stderr)
         sys.exit(1)
-    files, problems = collect_inputs(inputs)
+    # (Called without parsed flags, main stops at the inputs: nothing to exclude then.)
+    output_dir = FLAGS.output if "FLAGS" in globals() else None
+    files, problems = collect_inputs(inputs, exclude_dir=output_dir)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not files:
@@ -689,7 +719,7 @@ def main(argv: Sequence[str]) -> None:
             batch_size=FLAGS.batch_size,
         )
     try:
-        with predictor:
+        with predictor, cli.exit_on_user_error():
             errors = predict_to_directory(
                 predictor, files, FLAGS.output, overlay=not FLAGS.no_overlay
             )

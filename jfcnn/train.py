@@ -520,7 +520,9 @@ def _absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.Co
     relative = {
         key: config.data[key]
         for key in _DATA_PATH_KEYS
-        if isinstance(config.data.get(key), str) and not os.path.isabs(config.data[key])
+        if isinstance(config.data.get(key), str)
+        and not os.path.isabs(config.data[key])
+        and "://" not in config.data[key]  # gs://bucket/tfds and other remote paths
     }
     if not relative:
         return config

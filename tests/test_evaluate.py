@@ -98,3 +98,20 @@ def test_evaluate_command_line_flags(trained, tmp_path):
     )
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == 1 and len(errors) == 1 and "eval_splitt" in errors[0], bad.stderr
+
+
+def test_data_with_other_classes_is_refused(trained, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(trained, copy)
+    path = os.path.join(copy, ckpt.METADATA_FILE)
+    with open(path) as f:
+        metadata = json.load(f)
+    metadata["class_names"][2] = "disk"
+    with open(path, "w") as f:
+        json.dump(metadata, f)
+    with pytest.raises(
+        ConfigError, match="class 2 is 'square' in the data and 'disk' in the model"
+    ):
+        evaluate.evaluate_run(copy)

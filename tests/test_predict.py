@@ -25,6 +25,7 @@ from pycocotools import mask as mask_utils
 from jfcnn import predict
 from jfcnn.data import images as images_lib
 from jfcnn.data import pipeline
+from jfcnn.errors import UserError
 from jfcnn.tasks import instance
 
 pytestmark = pytest.mark.slow
@@ -460,14 +461,39 @@ def test_detections_in_original_pastes_like_paste_masks_within_regions():
     masks, regions = found["masks"], found["mask_regions"]
     assert masks.shape == (num - 1, height, width) and masks.any()
     keep = np.argsort(-outputs["scores"] * outputs["detection_valid"], kind="stable")[:-1]
-    want = detection.paste_masks(outputs["mask_probs"][keep], found["boxes"], (height, width))
+    # Masks go into the boxes they were predicted for, scaled back but not clipped.
+    scale = [width / 64, height / 64, width / 64, height / 64]
+    unclipped = outputs["boxes"][keep].astype(np.float64) * scale
+    np.testing.assert_allclose(found["boxes"], np.clip(unclipped, 0, [width, height] * 2))
+    want = detection.paste_masks(outputs["mask_probs"][keep], unclipped, (height, width))
     # paste_masks runs in float32 on the device: equal but for pixels at the threshold.
     assert agreement(masks, np.asarray(want)) > 0.9999
     for mask, (row0, row1, col0, col1) in zip(masks, regions, strict=True):
         assert mask.sum() == mask[row0:row1, col0:col1].sum()
     np.testing.assert_array_equal(
-        masks[0], instance.paste_mask(outputs["mask_probs"][keep[0]], found["boxes"][0], (300, 700))
+        masks[0], instance.paste_mask(outputs["mask_probs"][keep[0]], unclipped[0], (300, 700))
     )
+
+
+def test_detections_reaching_into_the_padding_keep_their_mask_proportions():
+    # A 100 x 50 photo (H x W) fitted into a 64 canvas as 64 x 32 (scale 1.5625 back);
+    # columns 32..63 of the canvas are padding.
+    outputs = {
+        # Box 0 covers canvas columns 16..48, half of it padding; box 1 lies in the padding.
+        "boxes": np.array([[16.0, 0.0, 48.0, 64.0], [40.0, 0.0, 60.0, 64.0]], np.float32),
+        "scores": np.array([0.9, 0.8], np.float32),
+        "classes": np.array([1, 2]),
+        "detection_valid": np.array([True, True]),
+        # The left half of box 0's mask is object, the right half (the padding) is not.
+        "mask_probs": np.tile(np.repeat([1.0, 0.0], 14)[None], (2, 28, 1)).astype(np.float32),
+    }
+    found = instance.detections_in_original(outputs, (64, 32), (100, 50))
+    assert found["classes"].tolist() == [1]  # the detection in the padding is dropped
+    np.testing.assert_allclose(found["boxes"], [[25.0, 0.0, 50.0, 100.0]])
+    # By hand: the object is the box's left half, original columns 25..49 (x 25..50).
+    columns = np.flatnonzero(found["masks"][0].any(axis=0))
+    # (The corner pixels interpolate with the zeros outside the mask.)
+    assert columns.min() == 25 and columns.max() == 49 and found["masks"][0][1:-1, 25:50].all()
 
 
 def test_rle_from_regions_is_encode_masks():
@@ -493,3 +519,35 @@ def test_rgb_png_decodes_to_the_pixels(shape, tmp_path):
     with Image.open(path) as png:
         assert png.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(png), pixels)
+
+
+def test_outputs_never_replace_inputs(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b_overlay.png"):
+        Image.fromarray(smooth_image(8, 8, 0)).save(photos / name)
+    files, _ = predict.collect_inputs([str(photos)])
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    # --output photos/ would write photos/a.png over the input a.png.
+    with pytest.raises(UserError, match=r"a\.png is an input and would be overwritten"):
+        predict._check_no_input_overwritten(files, str(photos), overlay=True)
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    # An output directory inside an input directory is not searched for inputs.
+    (photos / "out").mkdir()
+    Image.fromarray(smooth_image(8, 8, 1)).save(photos / "out" / "a_overlay.png")
+    found, _ = predict.collect_inputs([str(photos)], exclude_dir=str(photos / "out"))
+    assert sorted(f.file_name for f in found) == ["a.png", "b_overlay.png"]
+    predict._check_no_input_overwritten(found, str(photos / "out"), overlay=True)
+
+
+def test_output_names_never_collide():
+    # x.jpg's overlay would be x_overlay.png, the class map of the input x_overlay.png.
+    for names, expected in (
+        (("a/x.jpg", "b/x_overlay.png"), ["x", "x_overlay_2"]),
+        (("b/x_overlay.png", "a/x.jpg"), ["x_overlay", "x_2"]),
+        (("a/x.jpg", "b/x.png", "c/x_jpg.bmp"), ["x_jpg", "x_png", "x_jpg_2"]),
+    ):
+        stems = [f.stem for f in predict.unique_stems([predict.InputFile(n, n) for n in names])]
+        assert stems == expected
+        outputs = [name for stem in stems for name in (stem, f"{stem}_overlay")]
+        assert len(set(outputs)) == len(outputs)

@@ -121,6 +121,21 @@ THING_CLASS_NAMES = (
     "toothbrush",
 )
 NUM_THING_CLASSES = len(THING_CLASS_NAMES)
+# COCO's category id of each thing class (ids 1..90 with ten unused), in the
+# order of THING_CLASS_NAMES: what COCO files and results call the classes.
+THING_CATEGORY_IDS = (
+    *range(1, 12),
+    *range(13, 26),
+    27,
+    28,
+    *range(31, 45),
+    *range(46, 66),
+    67,
+    70,
+    *range(72, 83),
+    *range(84, 91),
+)
+assert len(THING_CATEGORY_IDS) == NUM_THING_CLASSES
 # Semantic class ids: 0 background (stuff, unlabeled, padding), then the things.
 CLASS_NAMES = ("background", *THING_CLASS_NAMES)
 # The instance index map is uint8; later segments are dropped.
@@ -259,6 +274,12 @@ def to_common(
     return fn
 
 
+def classes(builder: tfds.core.DatasetBuilder) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Class names and COCO category ids (0 for the background), for the work directory."""
+    del builder  # COCO's categories are fixed.
+    return CLASS_NAMES, (0, *THING_CATEGORY_IDS)
+
+
 SPEC = registry.register(
     registry.DatasetSpec(
         name="coco/2017_panoptic",
@@ -267,5 +288,6 @@ SPEC = registry.register(
         decoding=partial_decoding,
         to_common=to_common,
         keep_aspect=True,
+        classes=classes,
     )
 )

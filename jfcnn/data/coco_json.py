@@ -526,6 +526,11 @@ def make_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     return local.prepare(
         name="jfcnn_coco_json",
         source=paths[TRAIN_SPLIT][0],
+        # Evaluating with other files (--data eval_annotations=...) is another copy:
+        # it never replaces the one a training run reads.
+        also_named_by=[
+            path for split in paths.values() for path in split if path != paths[TRAIN_SPLIT][0]
+        ],
         files=files,
         # The image directories are part of what is prepared, not only the files in them.
         options={"format": _FORMAT, "images": {s: d for s, (_, d) in paths.items()}},

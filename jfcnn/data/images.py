@@ -29,17 +29,16 @@ class ImageReadError(UserError, OSError):
 def to_rgb8(image) -> np.ndarray:
     """A Pillow image as an (H, W, 3) uint8 RGB array.
 
-    16-bit and 32-bit integer images are scaled from their full range (a
-    16-bit PNG's 0..65535 becomes 0..255); float images are taken as [0, 1].
-    The alpha channel is dropped.
+    Integer grayscale images of more than 8 bits (Pillow's modes ``I;16*``
+    and ``I``, which is how Pillow opens 16-bit PNGs) are scaled from the
+    16-bit range, 0..65535 to 0..255, by their mode and never by their
+    values, so that the frames of one series keep their relative brightness;
+    float images (``F``) are taken as [0, 1]. The alpha channel is dropped.
     """
     mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
-        if mode == "F":
-            values = values * 255.0
-        elif values.max(initial=0) > 255:
-            values = values / 257.0  # 65535 -> 255
+        values = values * 255.0 if mode == "F" else values / 257.0  # 65535 -> 255
         gray = np.clip(np.round(values), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
     if mode != "RGB":
@@ -61,6 +60,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             return to_rgb8(image)
     except FileNotFoundError as e:
         raise ImageReadError(f"{os.fspath(path)}: no such file.") from e
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(
+            f"{os.fspath(path)}: too large to decode safely ({e}). Tile or downscale it, or "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(
             f"{os.fspath(path)}: cannot be read as an image ({e}). Re-save it as PNG or JPEG, "

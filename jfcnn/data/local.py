@@ -209,6 +209,7 @@ def prepare(
     metadata: Mapping[str, Any],
     data_dir: str | None = None,
     description: str = "",
+    also_named_by: Iterable[str | os.PathLike] = (),
 ) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder of ``source``; prepares it first if its inputs changed.
 
@@ -233,6 +234,10 @@ def prepare(
         category ids); read back with `stored_metadata`.
       data_dir: the TFDS data dir (``config.data.data_dir``); None: TFDS default.
       description: stored in the data set's info.
+      also_named_by: other paths that select what is prepared (e.g. the
+        other split's annotation file); they enter the copy's name beside
+        ``source``, so that a run naming other files never replaces the copy
+        another run reads.
 
     Returns:
       A prepared builder (``as_dataset``, ``info.splits`` as for any TFDS data set).
@@ -244,10 +249,15 @@ def prepare(
     source = os.path.abspath(os.fspath(source))
     root = source if os.path.isdir(source) else os.path.dirname(source)
     key = fingerprint(root, files, options)
+    copy_name = storage_name(source)
+    others = sorted(os.path.abspath(os.fspath(p)) for p in also_named_by)
+    if others:
+        digest = hashlib.sha256("\n".join([source, *others]).encode("utf-8")).hexdigest()[:10]
+        copy_name = f"{copy_name}_{digest}"
 
     def make_builder(stored_metadata: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
-        return _builder_class(name, storage_name(source))(
-            config_name=storage_name(source),
+        return _builder_class(name, copy_name)(
+            config_name=copy_name,
             features=features,
             split_examples=split_examples,
             metadata=stored_metadata,
@@ -268,9 +278,7 @@ def prepare(
 
     config_dir = os.path.dirname(data_path)
     os.makedirs(config_dir, exist_ok=True)
-    with _exclusive_lock(
-        os.path.join(os.path.dirname(config_dir), f".{storage_name(source)}.lock")
-    ):
+    with _exclusive_lock(os.path.join(os.path.dirname(config_dir), f".{copy_name}.lock")):
         # Another process may have prepared it while we waited for the lock.
         if (_read_stored(data_path) or {}).get("fingerprint") != key:
             # A stale copy (inputs changed) and leftovers of interrupted

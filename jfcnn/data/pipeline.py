@@ -277,10 +277,13 @@ def _preprocess(
     num_classes: int,
     augment: bool,
     max_instances: int | None,
+    eval_fields: bool = False,
 ) -> dict[str, tf.Tensor]:
     """Augments (if ``augment``, with stateless draws from ``seed``) and formats one example.
 
-    Instance fields are made (padded to ``max_instances``) unless it is None.
+    Instance fields are made (padded to ``max_instances``) unless it is None;
+    ``eval_fields`` adds the sizes (and ``image_id``) that evaluation maps
+    predictions back with.
     """
     size = data_config.image_size
     image = example["image"]
@@ -319,7 +322,7 @@ def _preprocess(
             tf.where(is_class, semantic, _ignore_label(data_config)), [size, size]
         ),
     }
-    if not augment:
+    if eval_fields:
         out["original_size"] = tf.cast(original_size, tf.int32)
         out["resized_size"] = tf.cast(tf.stack(resized), tf.int32)
         if "image_id" in example:
@@ -517,6 +520,7 @@ def create_eval_iterator(
             num_classes=num_classes,
             augment=False,
             max_instances=max_instances,
+            eval_fields=True,
         )
         out["valid"] = tf.constant(True)
         return out

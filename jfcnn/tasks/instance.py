@@ -172,8 +172,12 @@ def detections_in_original(
     placed top-left on the S x S canvas (``jfcnn.data.pipeline.fit_image``).
     Boxes are scaled back and clipped to the image; masks are the per-box
     mask probabilities pasted at the original resolution (as torchvision's
-    ``paste_masks_in_image`` does), not the canvas masks resized. Each mask
-    costs its box's area (`paste_region`), not the image's.
+    ``paste_masks_in_image`` does), not the canvas masks resized. A mask is
+    pasted into the box the model predicted it for, scaled but not clipped
+    (a box reaching into the canvas padding keeps its mask's proportions);
+    a detection that lies wholly in the padding (no area left once clipped
+    to the image) is dropped. Each mask costs its box's area
+    (`paste_region`), not the image's.
 
     Args:
       outputs: one image's model outputs: ``boxes`` (D, 4), ``scores`` (D,),
@@ -198,13 +202,18 @@ def detections_in_original(
         np.asarray(outputs["detection_valid"], bool) & (scores >= score_threshold)
     )
     keep = keep[np.argsort(-scores[keep], kind="stable")]
-    boxes = np.asarray(outputs["boxes"], np.float64)[keep] * [scale_x, scale_y, scale_x, scale_y]
-    boxes = np.clip(boxes, 0.0, [width, height, width, height])
+    scale = np.array([scale_x, scale_y, scale_x, scale_y])
+    pasted_boxes = np.asarray(outputs["boxes"], np.float64)[keep] * scale
+    boxes = np.clip(pasted_boxes, 0.0, [width, height, width, height])
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep, boxes, pasted_boxes = keep[inside], boxes[inside], pasted_boxes[inside]
     mask_probs = np.asarray(outputs["mask_probs"])[keep]
     masks = np.zeros((len(keep), height, width), np.uint8)
     regions = np.zeros((len(keep), 4), np.int64)
     for n in range(len(keep)):
-        row0, col0, crop = paste_region(mask_probs[n], boxes[n], (height, width), mask_threshold)
+        row0, col0, crop = paste_region(
+            mask_probs[n], pasted_boxes[n], (height, width), mask_threshold
+        )
         row1, col1 = row0 + crop.shape[0], col0 + crop.shape[1]
         masks[n, row0:row1, col0:col1] = crop
         regions[n] = row0, row1, col0, col1

@@ -244,6 +244,11 @@ def test_metadata(coco_data_dir):
     assert metadata.num_classes == 81 and metadata.has_instances
     assert metadata.class_names[:3] == ("background", "person", "bicycle")
     assert metadata.class_names[-1] == "toothbrush"
+    # COCO's own category ids, as predictions.json and COCO files name the classes:
+    # person 1, bicycle 2, ..., stop sign 13 (12 is unused), ..., toothbrush 90.
+    assert metadata.category_ids[:3] == (0, 1, 2) and metadata.category_ids[-1] == 90
+    assert metadata.category_ids[metadata.class_names.index("stop sign")] == 13
+    assert len(set(metadata.category_ids)) == 81
     assert (metadata.num_train_examples, metadata.num_eval_examples) == (7, 7)
 
 
@@ -270,6 +275,8 @@ def test_eval_batches_hold_the_exact_instances(coco_data_dir):
         "instance_valid": ((8, 8), bool),
         "crowd": ((8, 8), bool),
         "valid": ((8,), bool),
+        "original_size": ((8, 2), np.int32),
+        "resized_size": ((8, 2), np.int32),
     }
     seen = set()
     for i, ex in enumerate(raw):
@@ -282,6 +289,9 @@ def test_eval_batches_hold_the_exact_instances(coco_data_dir):
             round(width * 32 / max(height, width)),
         )
         rows, cols = nearest(height, out_h), nearest(width, out_w)
+        # What evaluation maps predictions back to the original pixels with.
+        np.testing.assert_array_equal(batch["original_size"][i], [height, width])
+        np.testing.assert_array_equal(batch["resized_size"][i], [out_h, out_w])
         records = [
             dict(zip(ex["panoptic_objects"], values, strict=True))
             for values in zip(*ex["panoptic_objects"].values(), strict=True)
@@ -320,7 +330,7 @@ def test_eval_batches_hold_the_exact_instances(coco_data_dir):
     semantic = list(data_lib.create_eval_iterator(config))
     assert len(semantic) == len(batches)
     for sem, inst in zip(semantic, batches, strict=True):
-        assert sem.keys() == {"image", "mask", "valid"}
+        assert sem.keys() == {"image", "mask", "valid", "original_size", "resized_size"}
         for key in sem:
             np.testing.assert_array_equal(sem[key], inst[key], err_msg=key)
 

@@ -200,6 +200,19 @@ def test_prepared_once_and_again_when_a_file_changes(export, tmp_path, monkeypat
     coco_json.make_builder(config.data)
     assert len(calls) == 6
 
+    # Scoring another annotation file (evaluate --data eval_annotations=...) makes a
+    # second copy; the first, which a training run may be reading, stays untouched.
+    first = coco_json.make_builder(config.data)
+    other = os.path.join(root, "other.json")
+    shutil.copy(paths["eval_annotations"], other)
+    second = coco_json.make_builder(
+        make_config({**paths, "eval_annotations": other}, str(tmp_path / "tfds")).data
+    )
+    assert len(calls) == 8 and second.data_dir != first.data_dir
+    assert os.path.isdir(first.data_dir)
+    coco_json.make_builder(config.data)
+    assert len(calls) == 8  # the first copy is still prepared
+
 
 # ---------------------------------------------------------------------------
 # Mistakes in the files: each stops with a message naming the problem and the fix.
