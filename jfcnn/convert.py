@@ -35,13 +35,13 @@ import ml_collections
 from jfcnn import checkpoint as ckpt
 from jfcnn import tasks
 from jfcnn import train as train_lib
+from jfcnn import train_state as state_lib
 from jfcnn import weights as weights_lib
 from jfcnn import workdir as workdir_lib
 from jfcnn.data.coco import THING_CLASS_NAMES
 from jfcnn.data.registry import DatasetMetadata
 from jfcnn.errors import ConfigError
 from jfcnn.models.maskrcnn import MaskRCNN
-from jfcnn.train_state import TrainState
 
 ARCHITECTURES = ("maskrcnn_resnet50_fpn",)
 # COCO's category ids of its 80 thing classes, in THING_CLASS_NAMES' order.
@@ -198,13 +198,8 @@ def convert_maskrcnn(
     if os.path.isdir(ckpt.checkpoint_dir(workdir)) and os.listdir(ckpt.checkpoint_dir(workdir)):
         raise ConfigError(f"{workdir} already holds checkpoints; convert into a new --workdir.")
     tx, _ = train_lib.create_optimizer(config, frozen=train_lib.frozen_param_paths(model))
-    params = variables.pop("params")
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state=variables,
-        opt_state=tx.init(params),
-        rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
+    state = state_lib.state_at_step_0(
+        variables, tx, jax.random.split(jax.random.PRNGKey(config.seed))[1]
     )
     ckpt.save_config(workdir, config)
     ckpt.save_metadata(workdir, metadata.to_dict())

@@ -422,13 +422,8 @@ def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
         if ckpt.latest_step(manager) != 0:
             raise
         variables, _ = state_lib.restore_variables(manager, task, 0)
-        params = variables.pop("params")
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=variables,
-            opt_state=tx.init(params),
-            rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
+        state = state_lib.state_at_step_0(
+            variables, tx, jax.random.split(jax.random.PRNGKey(config.seed))[1]
         )
         logging.info("Fine-tuning the step-0 checkpoint with a fresh optimizer state.")
     if state is None:

@@ -57,7 +57,16 @@ class TrainState:
 def create_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state: the task's initial variables and ``tx``'s initial state."""
     init_rng, state_rng = jax.random.split(rng)
-    variables = dict(task.init_variables(init_rng))
+    return state_at_step_0(task.init_variables(init_rng), tx, state_rng)
+
+
+def state_at_step_0(
+    variables: Any, tx: optax.GradientTransformation, state_rng: jax.Array
+) -> TrainState:
+    """A step-0 state of given variables (``{"params": ..., **model_state}``), with ``tx``'s
+    initial state; ``state_rng`` is the second half of ``jax.random.split(PRNGKey(seed))``,
+    as `create_train_state` uses it."""
+    variables = dict(variables)
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
