@@ -103,7 +103,7 @@ def host_costs(predictor: predict.Predictor, files, out_dir: str) -> dict[str, f
         t2 = time.perf_counter()
         host = jax.device_get(predictor._dispatch([fitted.canvas]))
         t3 = time.perf_counter()
-        fitted.prediction.result = predictor._map_back(fitted, host, 0, False)
+        fitted.prediction.result = predictor._map_back(fitted, host, 0, full_masks=False)
         t4 = time.perf_counter()
         predict.write_outputs(fitted.prediction, file, out_dir, predictor, overlay=False)
         t5 = time.perf_counter()

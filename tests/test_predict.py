@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -473,6 +474,16 @@ def test_detections_in_original_pastes_like_paste_masks_within_regions():
     np.testing.assert_array_equal(
         masks[0], instance.paste_mask(outputs["mask_probs"][keep[0]], unclipped[0], (300, 700))
     )
+    # Without full masks: the same masks, as crops of their regions.
+    crops_only = instance.detections_in_original(
+        outputs, (64, 64), (height, width), full_masks=False
+    )
+    assert "masks" not in crops_only
+    np.testing.assert_array_equal(crops_only["mask_regions"], regions)
+    for mask, crop, (row0, row1, col0, col1) in zip(
+        masks, crops_only["mask_crops"], regions, strict=True
+    ):
+        np.testing.assert_array_equal(crop, mask[row0:row1, col0:col1])
 
 
 def test_detections_reaching_into_the_padding_keep_their_mask_proportions():
@@ -507,13 +518,20 @@ def test_rle_from_regions_is_encode_masks():
         # Random pixels, then full regions: runs that start or end at the image's corners.
         fill = rng.random((row1 - row0, col1 - col0)) < 0.5 if n < len(regions) else 1
         masks[n, row0:row1, col0:col1] = fill
-    got = predict._rle_from_regions(masks, np.concatenate([regions, regions]))
+    regions = np.concatenate([regions, regions])
+    crops = [m[r0:r1, c0:c1] for m, (r0, r1, c0, c1) in zip(masks, regions, strict=True)]
+    got = predict._rle_from_regions(crops, regions, (height, width))
     assert got == instance.encode_masks(masks)
 
 
+@pytest.mark.parametrize("deflate", ["installed", "zlib"])
 @pytest.mark.parametrize("shape", [(1, 1, 3), (37, 58, 3), (64, 5, 3)])
-def test_rgb_png_decodes_to_the_pixels(shape, tmp_path):
+def test_rgb_png_decodes_to_the_pixels(shape, deflate, tmp_path, monkeypatch):
+    if deflate == "zlib":  # The encoder without zlib-ng.
+        monkeypatch.setattr(predict, "_deflate", zlib)
     pixels = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    # Runs of equal pixels: the run-length strategy's matches.
+    pixels[: shape[0] // 2, : shape[1] // 2] = 7
     path = tmp_path / "picture.png"
     path.write_bytes(predict.rgb_png(pixels))
     with Image.open(path) as png:

@@ -24,7 +24,9 @@ def one_instance(size: int = 48):
 
 
 def tinted(color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    return np.round((1 - alpha) * GRAY + alpha * color.astype(np.float64)).astype(np.uint8)
+    """An instance tint over GRAY: Pillow's integer blend, weight m = round(255 alpha)."""
+    m = round(255 * alpha)
+    return np.floor((GRAY * (255 - m) + color.astype(np.int64) * m) / 255 + 0.5).astype(np.uint8)
 
 
 def test_instance_colors_are_fixed_per_slot():
@@ -256,18 +258,24 @@ def test_semantic_overlay_legend_names_only_classes_present():
 
 
 def draw_loop(image8, masks, valid, alpha):
-    """The tint of `draw_instances` (scale 1) over the whole image, slot by slot."""
-    tinted = image8.astype(np.float32)
+    """The tint of `draw_instances` (scale 1) over the whole image, slot by slot.
+
+    Integer blending, as documented: weight ``m = round(255 alpha)``, each slot
+    rounds ``(v (255 - m) + color m) / 255``.
+    """
+    tinted = image8.astype(np.int64)
+    m = int(round(255 * alpha))
     for n in np.flatnonzero(valid):
         inside = masks[n].astype(bool)
-        color = visualize.instance_color(n).astype(np.float32)
-        tinted[inside] = (1.0 - alpha) * tinted[inside] + alpha * color
-    return np.round(tinted).astype(np.uint8)
+        color = visualize.instance_color(n).astype(np.int64)
+        blended = (tinted[inside] * (255 - m) + color * m) / 255.0
+        tinted[inside] = np.floor(blended + 0.5)  # Never a tie: 255 is odd.
+    return tinted.astype(np.uint8)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.35])
 def test_instance_tint_matches_the_whole_image_loop(alpha):
-    # Overlapping masks compound (in float32, rounded once); masks reach outside their
+    # Overlapping masks compound (each slot rounded); masks reach outside their
     # boxes, have holes, or are empty. Boxes and labels all sit in the top-left corner.
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
@@ -285,3 +293,23 @@ def test_instance_tint_matches_the_whole_image_loop(alpha):
     # Labels sit at the (clipped) top-left corner; compare below them.
     np.testing.assert_array_equal(drawn[14:], want[14:])
     np.testing.assert_array_equal(drawn[:, 20:], want[:, 20:])
+
+
+def test_instance_regions_only_narrow_the_search():
+    # Masks that are 0 outside their regions draw the same with and without them.
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    regions = np.array([[5, 30, 10, 45], [20, 40, 0, 25], [0, 40, 0, 50], [3, 3, 7, 9]])
+    masks = np.zeros((4, 40, 50), np.uint8)
+    for n, (row0, row1, col0, col1) in enumerate(regions):
+        masks[n, row0:row1, col0:col1] = rng.random((row1 - row0, col1 - col0)) < 0.5
+    boxes = np.tile([30.0, 30.0, 40.0, 40.0], (4, 1))
+    args = (image, boxes, np.zeros(4, int), masks, np.ones(4, bool), ["x"])
+    want = visualize.draw_instances(*args)
+    np.testing.assert_array_equal(visualize.draw_instances(*args, regions=regions), want)
+    # Each mask given as its region only.
+    crops = [m[r0:r1, c0:c1] for m, (r0, r1, c0, c1) in zip(masks, regions, strict=True)]
+    args = (image, boxes, np.zeros(4, int), crops, np.ones(4, bool), ["x"])
+    np.testing.assert_array_equal(visualize.draw_instances(*args, regions=regions), want)
+    # The tint really is drawn (not only the labels): compare with the whole-image loop.
+    np.testing.assert_array_equal(want[:25], draw_loop(image, masks, np.ones(4, bool), 0.5)[:25])

@@ -165,7 +165,8 @@ def detections_in_original(
     *,
     score_threshold: float = 0.0,
     mask_threshold: float = 0.5,
-) -> dict[str, np.ndarray]:
+    full_masks: bool = True,
+) -> dict[str, Any]:
     """One image's detections on the model's canvas, mapped back to the original image.
 
     The image was resized from ``original_size`` to ``resized_size`` and
@@ -186,13 +187,17 @@ def detections_in_original(
       original_size: ``(H, W)`` of the original image.
       score_threshold: detections scoring below it are dropped.
       mask_threshold: threshold of the pasted probabilities.
+      full_masks: also return ``masks``, the crops pasted into full-size
+        images (N x H x W bytes: 30 MB for 100 detections on a 640 x 480
+        photo; without them a detection costs its region).
 
     Returns:
       ``boxes`` (N, 4) float64 ``(x1, y1, x2, y2)`` original pixels,
       ``scores`` (N,), ``classes`` (N,) int class ids, ``masks`` (N, H, W)
-      uint8, in descending score order; and ``mask_regions`` (N, 4) int64
-      ``(row0, row1, col0, col1)``: mask ``n`` is 0 outside rows
-      ``row0..row1-1`` and columns ``col0..col1-1``.
+      uint8 (if ``full_masks``), in descending score order; ``mask_regions``
+      (N, 4) int64 ``(row0, row1, col0, col1)``: mask ``n`` is 0 outside rows
+      ``row0..row1-1`` and columns ``col0..col1-1``; and ``mask_crops``, N
+      uint8 arrays: mask ``n`` in its region.
     """
     height, width = (int(n) for n in original_size)
     scale_y = height / float(resized_size[0])
@@ -208,22 +213,39 @@ def detections_in_original(
     inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     keep, boxes, pasted_boxes = keep[inside], boxes[inside], pasted_boxes[inside]
     mask_probs = np.asarray(outputs["mask_probs"])[keep]
-    masks = np.zeros((len(keep), height, width), np.uint8)
+    crops = []
     regions = np.zeros((len(keep), 4), np.int64)
     for n in range(len(keep)):
         row0, col0, crop = paste_region(
             mask_probs[n], pasted_boxes[n], (height, width), mask_threshold
         )
-        row1, col1 = row0 + crop.shape[0], col0 + crop.shape[1]
-        masks[n, row0:row1, col0:col1] = crop
-        regions[n] = row0, row1, col0, col1
-    return {
+        crops.append(crop)
+        regions[n] = row0, row0 + crop.shape[0], col0, col0 + crop.shape[1]
+    found = {
         "boxes": boxes,
         "scores": scores[keep],
         "classes": np.asarray(outputs["classes"])[keep].astype(np.int64),
-        "masks": masks,
         "mask_regions": regions,
+        "mask_crops": crops,
     }
+    if full_masks:
+        found["masks"] = masks_from_crops(crops, regions, (height, width))
+    return found
+
+
+def masks_from_crops(
+    crops: Sequence[np.ndarray], regions: np.ndarray, image_size: Sequence[int]
+) -> np.ndarray:
+    """``(N, H, W)`` uint8 masks, mask ``n`` being ``crops[n]`` at its region and 0 elsewhere.
+
+    ``regions`` holds ``(row0, row1, col0, col1)`` per crop, as
+    `detections_in_original` returns them.
+    """
+    height, width = (int(n) for n in image_size)
+    masks = np.zeros((len(crops), height, width), np.uint8)
+    for mask, crop, (row0, row1, col0, col1) in zip(masks, crops, regions.tolist(), strict=True):
+        mask[row0:row1, col0:col1] = crop
+    return masks
 
 
 @functools.lru_cache(maxsize=8)
