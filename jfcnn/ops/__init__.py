@@ -31,3 +31,4 @@ from jfcnn.ops.roi_align import (
     roi_align,
     roi_align_dense,
 )
+from jfcnn.ops.roi_pool import multilevel_roi_pool, roi_pool
