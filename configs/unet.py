@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.up_kernel_size = 2  # Transposed-conv up-sampling: kernel K,
     config.model.up_stride = 2  # stride S,
     config.model.up_padding = 0  # and PyTorch padding P: out = (N - 1) S + K - 2P.
+    # False: the decoder gets no encoder features (ablation of the skips).
+    config.model.skip_connections = True
     # BatchNorm learns this task much faster than GroupNorm at the same cost
     # (mIoU 0.59 vs 0.36 after 300 steps); "group" suits tiny per-device batches.
     config.model.norm = "batch"  # "group", "batch" or "none".

@@ -100,7 +100,12 @@ class UNet(nn.Module):
     ``base_width * 2**l`` channels (``up_l``) and a ReLU, concatenates the
     encoder output of level ``l`` (skip first, as in PyTorch U-Nets), and
     applies a DoubleConv to ``base_width * 2**l`` channels (``dec_l``). A 1x1
-    conv (``head``) gives one logit per class.
+    conv (``head``) gives one logit per class. With ``skip_connections=False``
+    nothing is concatenated: ``dec_l`` convolves the up-sampled map alone
+    (``base_width * 2**l`` input channels instead of twice that), so the
+    encoder reaches the output only through the bottleneck (an ablation of
+    what the skips contribute, e.g. to object borders); parameter names are
+    the same either way.
 
     Sizes: pooling floors odd sizes, and non-default up-sampling geometry can
     give maps that differ from the skip; the up-sampled map is then
@@ -117,6 +122,8 @@ class UNet(nn.Module):
       up_kernel_size: kernel size of the up-sampling transposed convolution.
       up_stride: its stride.
       up_padding: its padding, PyTorch's meaning (crop from each border).
+      skip_connections: concatenate encoder features into the decoder (the
+        U-Net); ``False`` gives a plain encoder-decoder.
       norm: ``"group"`` (GroupNorm, see
         :func:`jfcnn.models.layers.group_norm_groups`),
         ``"batch"`` (BatchNorm; needs ``mutable=["batch_stats"]`` when
@@ -146,6 +153,7 @@ class UNet(nn.Module):
     up_kernel_size: int = 2
     up_stride: int = 2
     up_padding: int = 0
+    skip_connections: bool = True
     norm: str = "group"
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
@@ -232,8 +240,11 @@ class UNet(nn.Module):
             )(x_bhwc)
             x_bhwc = nn.relu(x_bhwc)
             skip = skips[level]
+            # Resized to the skip's size either way, so both variants give
+            # the same output shape.
             x_bhwc = _resize_to(x_bhwc, skip.shape[1], skip.shape[2])
-            x_bhwc = jnp.concatenate([skip, x_bhwc], axis=-1)
+            if self.skip_connections:
+                x_bhwc = jnp.concatenate([skip, x_bhwc], axis=-1)
             x_bhwc = DoubleConv(self.base_width * 2**level, **block, name=f"dec_{level}")(
                 x_bhwc, train=train
             )
