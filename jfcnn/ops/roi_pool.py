@@ -177,7 +177,14 @@ def _to_int(x: jax.Array) -> jax.Array:
 def _bin_edges(start, end, bins: int, size: int, dtype):
     """`(N, bins)` clipped start and end (exclusive) pixels of each bin along one axis."""
     extent = jnp.maximum(end - start + 1, 1)
-    bin_size = extent.astype(dtype) / jnp.asarray(bins, dtype)
+    # torchvision divides; XLA turns a division by a constant or a broadcast scalar
+    # into a product with the rounded reciprocal, which moves bin edges by a pixel
+    # (7 * (1 / 3) * 3 = 7.0000005, not 7), so the divisor is a full array the
+    # simplifier cannot see through (computed from `extent`, so that `vmap` batches
+    # it rather than broadcasting it).
+    divisor = jnp.where(extent > 0, bins, 1).astype(dtype)
+    extent, divisor = jax.lax.optimization_barrier((extent.astype(dtype), divisor))
+    bin_size = extent / divisor
     index = jnp.arange(bins, dtype=dtype)
     lo = _to_int(jnp.floor(index * bin_size[:, None])) + start[:, None]
     hi = _to_int(jnp.ceil((index + 1) * bin_size[:, None])) + start[:, None]
