@@ -22,6 +22,7 @@ from jfcnn.models.maskrcnn.common import Dtype
 from jfcnn.models.maskrcnn.roi_heads import (
     ROI_ALIGN_MODES,
     ROI_HEADS,
+    ROI_POOLERS,
     Res5ROIHeads,
     ROIHeads,
     StandardROIHeads,
@@ -111,6 +112,12 @@ class MaskRCNN(nn.Module):
       roi_align_aligned: ROI Align's half-pixel shift of the box and mask
         heads (True, detectron2's); torchvision's ``maskrcnn_resnet50_fpn``
         pools with ``aligned=False``, which its weights expect.
+      roi_pooler: how the ROI heads pool box features: ``"align"`` (ROI
+        Align, set by ``roi_align``, ``sampling_ratio`` and
+        ``roi_align_aligned``) or ``"pool"`` (Fast R-CNN's ROI pooling,
+        :func:`jfcnn.ops.roi_pool`, max over quantized bins, exactly
+        ``torchvision.ops.roi_pool``) with the same output sizes, scales and
+        FPN levels, in both designs and both branches.
       canonical_scale, canonical_level: FPN level of a box (224, 4).
       box_head_dim: hidden width of the FPN box head.
       mask_head_channels, mask_head_convs: mask head width and depth (FPN;
@@ -142,6 +149,7 @@ class MaskRCNN(nn.Module):
     FIELD_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "roi_heads": tuple(ROI_HEADS),
         "roi_align": ROI_ALIGN_MODES,
+        "roi_pooler": ROI_POOLERS,
         "mask_paste": MASK_PASTE_MODES,
         "norm": NORMS,
         "dtype": ("float32", "bfloat16", "float16"),
@@ -176,6 +184,7 @@ class MaskRCNN(nn.Module):
     sampling_ratio: int = 2
     roi_align: str = "gather"
     roi_align_aligned: bool = True
+    roi_pooler: str = "align"
     canonical_scale: float = 224.0
     canonical_level: int = 4
     box_head_dim: int = 1024
@@ -238,6 +247,8 @@ class MaskRCNN(nn.Module):
         self._roi_heads_class()
         if self.roi_align not in ROI_ALIGN_MODES:
             raise ValueError(f"roi_align must be one of {ROI_ALIGN_MODES}, got {self.roi_align!r}.")
+        if self.roi_pooler not in ROI_POOLERS:
+            raise ValueError(f"roi_pooler must be one of {ROI_POOLERS}, got {self.roi_pooler!r}.")
         if self.depth not in RESNET_SPECS:
             raise ValueError(f"depth must be one of {sorted(RESNET_SPECS)}, got {self.depth}.")
         block_name, default_sizes = RESNET_SPECS[self.depth]
@@ -261,6 +272,7 @@ class MaskRCNN(nn.Module):
             sampling_ratio=self.sampling_ratio,
             roi_align=self.roi_align,
             aligned=self.roi_align_aligned,
+            roi_pooler=self.roi_pooler,
             mask_head_channels=self.mask_head_channels,
             score_threshold=self.box_score_threshold,
             nms_threshold=self.box_nms_threshold,

@@ -9,6 +9,10 @@
   (stride 2) -> a 7x7 map shared by the box predictor (after mean pooling)
   and the mask head (transposed conv -> 14x14 -> 1x1 conv).
 
+With ``roi_pooler="pool"`` both designs pool with Fast R-CNN's ROI pooling
+(:func:`jfcnn.ops.roi_pool`, :func:`jfcnn.ops.multilevel_roi_pool`) wherever
+they would use ROI Align, at the same sizes, scales and FPN levels.
+
 Both share :class:`ROIHeads`: the sampling of training ROIs from the
 proposals and the ground truth (a fixed number per image, positives first),
 the box losses (:func:`fast_rcnn_losses`), the mask loss on the first ROI
@@ -35,11 +39,21 @@ import optax
 from jfcnn.models.maskrcnn.common import Dtype, select_class, smooth_l1
 from jfcnn.models.maskrcnn.mask_head import MaskHead, mask_rcnn_inference, mask_rcnn_loss
 from jfcnn.models.resnet import BLOCKS, ResNetStage
-from jfcnn.ops import multilevel_roi_align, multilevel_roi_align_dense, roi_align, roi_align_dense
+from jfcnn.ops import (
+    multilevel_roi_align,
+    multilevel_roi_align_dense,
+    multilevel_roi_pool,
+    roi_align,
+    roi_align_dense,
+    roi_pool,
+)
 from jfcnn.ops.boxes import box_iou, encode_boxes
 from jfcnn.ops.detection import match_boxes, sample_rois, select_detections
 
 ROI_ALIGN_MODES = ("gather", "dense")
+# How the heads pool box features: ROI Align (bilinear, averaged) or Fast R-CNN's
+# ROI pooling (quantized bins, max), :func:`jfcnn.ops.roi_pool`.
+ROI_POOLERS = ("align", "pool")
 # The box head's deltas are weighted (10, 10, 5, 5), as torchvision's ROI heads' BoxCoder.
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -200,6 +214,11 @@ class ROIHeads(nn.Module):
         (:func:`jfcnn.ops.roi_align_dense`, the same values as matrix products).
       aligned: ROI Align's half-pixel shift (True); torchvision's detection
         models pool with ``aligned=False``.
+      roi_pooler: ``"align"`` (ROI Align, as set by ``roi_align``,
+        ``sampling_ratio`` and ``aligned``) or ``"pool"`` (ROI pooling,
+        :func:`jfcnn.ops.roi_pool` / :func:`jfcnn.ops.multilevel_roi_pool`,
+        with the same output sizes, scales and FPN levels; those three
+        settings are then unused).
       mask_head_channels: width of the mask head.
       score_threshold, nms_threshold, detections_per_image: inference.
       dtype: computation dtype (losses and box arithmetic stay float32).
@@ -215,6 +234,7 @@ class ROIHeads(nn.Module):
     sampling_ratio: int = 2
     roi_align: str = "gather"
     aligned: bool = True
+    roi_pooler: str = "align"
     mask_head_channels: int = 256
     score_threshold: float = 0.05
     nms_threshold: float = 0.5
@@ -244,6 +264,11 @@ class ROIHeads(nn.Module):
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------
+    def check_pooler(self) -> None:
+        """Rejects an unknown ``roi_pooler`` (called from the designs' ``setup``)."""
+        if self.roi_pooler not in ROI_POOLERS:
+            raise ValueError(f"roi_pooler must be one of {ROI_POOLERS}, got {self.roi_pooler!r}.")
+
     @property
     def mask_size(self) -> int:
         """Side ``S`` of the predicted masks."""
@@ -402,6 +427,7 @@ class StandardROIHeads(ROIHeads):
     mask_head_convs: int = 4
 
     def setup(self):
+        self.check_pooler()
         self.box_branch = FPNBoxHead(self.num_classes, self.box_head_dim, self.dtype)
         self.mask_branch = MaskHead(
             self.num_classes, self.mask_head_channels, self.mask_head_convs, self.dtype
@@ -413,6 +439,16 @@ class StandardROIHeads(ROIHeads):
 
     def _pool(self, maps: Sequence[jax.Array], boxes: jax.Array, size: int) -> jax.Array:
         """ROI Align ``(B, N, 4)`` boxes -> ``(B * N, size, size, C)``; boxes are constants."""
+        if self.roi_pooler == "pool":
+            pooled = multilevel_roi_pool(
+                maps,
+                jax.lax.stop_gradient(boxes),
+                size,
+                strides=tuple(self.strides),
+                canonical_scale=self.canonical_scale,
+                canonical_level=self.canonical_level,
+            )
+            return pooled.reshape(-1, *pooled.shape[2:])
         align = multilevel_roi_align_dense if self.roi_align == "dense" else multilevel_roi_align
         pooled = align(
             maps,
@@ -478,6 +514,7 @@ class Res5ROIHeads(ROIHeads):
     bn_axis_name: str | None = None
 
     def setup(self):
+        self.check_pooler()
         self.res5 = ResNetStage(
             num_blocks=self.res5_blocks,
             features=self.res5_features,
@@ -496,15 +533,19 @@ class Res5ROIHeads(ROIHeads):
 
     def _res5_features(self, maps: Sequence[jax.Array], boxes: jax.Array, train: bool):
         """res5 of ROI Align of ``(B, N, 4)`` boxes: ``(B * N, 7, 7, C5)``; boxes are constants."""
-        align = roi_align_dense if self.roi_align == "dense" else roi_align
-        pooled = align(
-            maps[0],
-            jax.lax.stop_gradient(boxes),
-            self.mask_pool_size,
-            spatial_scale=1.0 / self.stride,
-            sampling_ratio=self.sampling_ratio,
-            aligned=self.aligned,
-        )
+        boxes = jax.lax.stop_gradient(boxes)
+        if self.roi_pooler == "pool":
+            pooled = roi_pool(maps[0], boxes, self.mask_pool_size, spatial_scale=1.0 / self.stride)
+        else:
+            align = roi_align_dense if self.roi_align == "dense" else roi_align
+            pooled = align(
+                maps[0],
+                boxes,
+                self.mask_pool_size,
+                spatial_scale=1.0 / self.stride,
+                sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned,
+            )
         return self.res5(pooled.reshape(-1, *pooled.shape[2:]), train=train)
 
     def _predict_boxes(self, features: jax.Array, b: int, n: int):
