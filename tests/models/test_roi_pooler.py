@@ -8,6 +8,8 @@ and by config validation.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,8 @@ TINY = dict(tiny_configs.MASKRCNN, norm="group")
 TINY_C4 = dict(TINY, **tiny_configs.MASKRCNN_C4)
 KEY = jax.random.key(0)
 IMAGE_SIZE = 128  # Boxes of up to 128 pixels reach the second FPN level.
+# Everything runs once: unoptimized compilation is much faster (see jfcnn.train).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 TINY_POOL = {"box": 7, "mask": 14}  # MaskRCNN's default box_pool_size and mask_pool_size.
 
 
@@ -33,32 +37,41 @@ def _images():
     return jax.random.uniform(jax.random.key(1), (2, IMAGE_SIZE, IMAGE_SIZE, 3))
 
 
-def _forward_capturing(model, variables, images):
-    """The model's outputs and what went into and out of the modules the test needs."""
-    seen = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name != "__call__":
-            return out
-        if isinstance(module, (FPN, ResNet)) and not isinstance(module.parent, ResNet):
-            seen[type(module).__name__] = out
-        elif isinstance(module, RPN):
-            seen["proposals"] = out[0]
-        elif isinstance(module, (FPNBoxHead, MaskHead)) or (
-            isinstance(module, ResNetStage) and isinstance(module.parent, Res5ROIHeads)
-        ):
-            seen.setdefault(type(module).__name__, []).append(args[0])
+def _record(seen, next_fun, args, kwargs, context):
+    """Interceptor keeping the maps, the proposals and the heads' pooled inputs in `seen`."""
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__":
         return out
+    if isinstance(module, (FPN, ResNet)) and not isinstance(module.parent, ResNet):
+        seen[type(module).__name__] = out
+    elif isinstance(module, RPN):
+        seen["proposals"] = out[0]
+    elif isinstance(module, (FPNBoxHead, MaskHead)) or (
+        isinstance(module, ResNetStage) and isinstance(module.parent, Res5ROIHeads)
+    ):
+        seen.setdefault(type(module).__name__, []).append(args[0])
+    return out
 
-    with nn.intercept_methods(interceptor):
-        outputs = model.apply(variables, images)
-    return outputs, seen
+
+def _run_once(fun, *args):
+    return jax.jit(fun).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+def _forward_capturing(model, variables, images):
+    """The model's outputs, and what `_record` saw during the forward pass."""
+
+    def run(variables, images):
+        seen = {}
+        with nn.intercept_methods(functools.partial(_record, seen)):
+            outputs = model.apply(variables, images)
+        return outputs, seen
+
+    return _run_once(run, variables, images)
 
 
 def _init(model, images):
-    return jax.jit(lambda key: model.init(key, images[:1], method=MaskRCNN.initialize))(KEY)
+    return _run_once(lambda key: model.init(key, images[:1], method=MaskRCNN.initialize), KEY)
 
 
 def _pool_by_level(maps, strides, boxes, size):
@@ -116,21 +129,19 @@ def test_fpn_heads_pool_with_roi_pool():
 
 def _box_head_input(model, variables, maps, boxes):
     """What the FPN box head receives for `boxes`."""
-    seen = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, FPNBoxHead) and context.method_name == "__call__":
-            seen.append(args[0])
-        return next_fun(*args, **kwargs)
+    def run(variables, maps, boxes):
+        seen = {}
+        with nn.intercept_methods(functools.partial(_record, seen)):
+            model.apply(
+                variables,
+                maps,
+                boxes,
+                method=lambda m, maps, b: m.heads.box_predictions(maps, b, False),
+            )
+        return seen["FPNBoxHead"][0]
 
-    with nn.intercept_methods(interceptor):
-        model.apply(
-            variables,
-            maps,
-            boxes,
-            method=lambda m, maps, b: m.heads.box_predictions(maps, b, False),
-        )
-    return seen[0]
+    return _run_once(run, variables, maps, boxes)
 
 
 def test_c4_heads_pool_with_roi_pool():
@@ -149,12 +160,12 @@ def test_c4_heads_pool_with_roi_pool():
 
 
 def test_training_losses_with_roi_pool_are_finite_and_differentiable():
-    images = _images()[:1]
+    images = _images()[:1, :64, :64]  # Small: the gradient's compilation dominates.
     model = MaskRCNN(num_classes=3, roi_pooler="pool", **TINY)
     variables = _init(model, images)
-    masks = jnp.zeros((1, 2, IMAGE_SIZE, IMAGE_SIZE), jnp.uint8).at[0, 0, 10:60, 20:90].set(1)
+    masks = jnp.zeros((1, 2, 64, 64), jnp.uint8).at[0, 0, 10:50, 20:60].set(1)
     targets = {
-        "boxes": jnp.array([[[20.0, 10.0, 90.0, 60.0], [0.0, 0.0, 0.0, 0.0]]]),
+        "boxes": jnp.array([[[20.0, 10.0, 60.0, 50.0], [0.0, 0.0, 0.0, 0.0]]]),
         "labels": jnp.array([[1, 0]]),
         "instance_valid": jnp.array([[True, False]]),
         "instance_masks": masks,
@@ -170,7 +181,7 @@ def test_training_losses_with_roi_pool_are_finite_and_differentiable():
         )
         return sum(jnp.sum(v) for v in losses.values())
 
-    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    value, grads = _run_once(jax.value_and_grad(loss), variables["params"])
     assert np.isfinite(float(value))
     # ROI pooling passes gradients to the features: the FPN and the backbone learn.
     assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["fpn"]))
