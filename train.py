@@ -15,19 +15,21 @@ cli.exit_unless_installed("train", "train.py")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jfcnn import train  # noqa: E402
+from jfcnn import distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
-    with cli.exit_on_user_error():
+    with cli.exit_on_user_error(), distributed.exit_on_peer_failure():
+        distributed.initialize_from_flags()
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -41,10 +41,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jfcnn import checkpoint as ckpt
 from jfcnn import data as data_lib
-from jfcnn import tasks, visualize
+from jfcnn import distributed, tasks, visualize
 from jfcnn import train_state as state_lib
 from jfcnn.errors import ConfigError, WorkdirMetadataError
 from jfcnn.tasks.base import Task
@@ -74,9 +75,34 @@ def run_evaluation(
             for key, value in batch.items()
             if key not in HOST_ONLY_KEYS
         }
-        outputs = jax.device_get(eval_step(variables, device_batch))
+        outputs = eval_step(variables, device_batch)
+        if jax.process_count() > 1:
+            # Every process scores the whole global batch, so each holds the metrics of
+            # the whole split (every example once) and process 0 writes them.
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+            batch = gather_host_batch(batch)
+        else:
+            outputs = jax.device_get(outputs)
         evaluator.update(outputs, batch)
     return evaluator.result(), evaluator.images
+
+
+def gather_host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's batch, concatenated in process order (the global batch's order).
+
+    64-bit values (image ids) travel as pairs of 32-bit words, so they arrive
+    whole whether or not JAX runs with 64-bit types.
+    """
+    gathered = {}
+    for key, value in batch.items():
+        value = np.ascontiguousarray(value)
+        if value.dtype.itemsize == 8:
+            words = value.reshape(value.shape[0], -1).view(np.uint32)
+            words = np.asarray(multihost_utils.process_allgather(words, tiled=True))
+            gathered[key] = words.view(value.dtype).reshape((-1, *value.shape[1:]))
+        else:
+            gathered[key] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return gathered
 
 
 def _eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -276,7 +302,8 @@ def evaluate_workdir(
 def main(argv) -> None:
     del argv
     cli.quiet_library_logs()
-    with cli.exit_on_user_error():
+    with cli.exit_on_user_error(), distributed.exit_on_peer_failure():
+        distributed.initialize_from_flags()
         metrics, images = evaluate_run(
             FLAGS.workdir,
             FLAGS.step,
@@ -311,5 +338,6 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string(
         "data", None, "KEY=VALUE: another config.data value for this evaluation (repeatable)."
     )
+    distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
     FLAGS = flags.FLAGS
     app.run(main)

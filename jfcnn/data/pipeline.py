@@ -392,6 +392,12 @@ def create_train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless iterator over this process's training batches, from ``start_step`` on.
 
+    With P processes, global batch s is the same P * B examples (same order,
+    same augmentation) whatever P is: every process reads the whole split in
+    one shuffled order and yields its B slots of each global batch (process
+    p has slots p * B .. (p + 1) * B - 1), skipping the others' records
+    before decoding them.
+
     Args:
       config: uses ``config.seed``, ``config.batch_size`` (global) and ``config.data``
         (see `default_config`; ``max_instances`` only with ``instances``).
@@ -414,16 +420,14 @@ def create_train_iterator(
     batch_size = _local_batch_size(config.batch_size, process_count)
     builder = _get_builder(data_config)
     num_classes = len(_classes(spec, builder)[0])
-    # Equal shards (remainder dropped) so every process has the same epoch length.
-    split = tfds.even_splits(data_config.train_split, n=process_count, drop_remainder=True)[
-        process_index
-    ]
+    # Every process reads the whole split in the same shuffled order (the same seeds) and
+    # keeps its own part of each global batch: the global batches, and so training, do
+    # not depend on the number of processes. Records of other processes are skipped
+    # before they are decoded.
+    split = data_config.train_split
     num_examples = _num_examples(builder, split)
     if num_examples == 0:
-        raise ValueError(
-            f"Split {data_config.train_split!r} leaves no examples for process "
-            f"{process_index} of {process_count}"
-        )
+        raise ValueError(f"Split {data_config.train_split!r} has no examples")
 
     cache = data_config.cache
     to_common = _to_common(builder, spec, decoded=cache, instances=instances)
@@ -447,16 +451,22 @@ def create_train_iterator(
 
     # Whole epochs before start_step are never read; within the first epoch we
     # skip records before decoding and augmenting them.
-    first_position = start_step * batch_size
+    global_batch_size = batch_size * process_count
+    first_position = start_step * global_batch_size
     first_epoch, offset = divmod(first_position, num_examples)
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.enumerate(start=first_epoch * num_examples).skip(offset)
+    if process_count > 1:  # This process's slots of each global batch.
+        ds = ds.filter(
+            lambda position, _: (position % global_batch_size) // batch_size == process_index
+        )
 
     def prepare(position, example):
         if not cache:
             example = to_common(example)
-        global_position = position * process_count + process_index
-        seed = tf.random.experimental.stateless_fold_in(augment_key, global_position)
+        # Seeded by the example's position in the global stream: the same augmentation
+        # whatever process reads it.
+        seed = tf.random.experimental.stateless_fold_in(augment_key, position)
         return _preprocess(
             example,
             seed,

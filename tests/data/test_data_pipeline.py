@@ -276,22 +276,33 @@ def test_eval_is_fixed_and_pads_the_last_batch(make_config):
 
 
 def test_per_process_shards(make_config, monkeypatch):
-    train = make_config(train_split="train[:40]", image_size=128, augment=False)
+    train = make_config(train_split="train[:40]", image_size=64, augment=True)
     evaluation = make_config(eval_split="validation[:21]", image_size=128)
-    train_ids, eval_ids, eval_batches = [], [], []
+    # Training: the global batches do not depend on the process count. One process
+    # reads 8 per step; two read 4 each, and process 0's then process 1's are
+    # exactly the one process's batch, augmentation included, across epochs
+    # (40 examples: 5 steps each) and when resuming at step 7.
+    monkeypatch.setattr(pipeline, "_process_info", lambda: (0, 1))
+    alone = take(data_lib.create_train_iterator(train), 12)
+    parts = []
     for process_index in range(2):
         monkeypatch.setattr(pipeline, "_process_info", lambda i=process_index: (i, 2))
-        # 20 examples and 4 per step per process: one epoch is 5 steps.
-        epoch = take(data_lib.create_train_iterator(train), 5)
-        assert epoch[0]["image"].shape[0] == 4
-        train_ids.append({i for b in epoch for i in example_ids(b["image"])})
+        parts.append(take(data_lib.create_train_iterator(train), 12))
+        resumed = take(data_lib.create_train_iterator(train, start_step=7), 5)
+        assert_batches_equal(resumed, parts[-1][7:])
+    assert parts[0][0]["image"].shape[0] == 4
+    for step, whole in enumerate(alone):
+        for key in whole:
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[key], err_msg=f"step {step} {key}")
+    eval_ids, eval_batches = [], []
+    for process_index in range(2):
+        monkeypatch.setattr(pipeline, "_process_info", lambda i=process_index: (i, 2))
         batches = list(data_lib.create_eval_iterator(evaluation))
         eval_batches.append(len(batches))
         ids = [i for b in batches for i in example_ids(b["image"])]
         valid = np.concatenate([b["valid"] for b in batches])
         eval_ids.append([i for i, v in zip(ids, valid, strict=True) if v])
-    assert len(train_ids[0]) == len(train_ids[1]) == 20
-    assert not train_ids[0] & train_ids[1]
     # Eval: 11 + 10 examples, both processes run ceil(11 / 4) = 3 batches.
     assert eval_batches == [3, 3]
     assert [len(ids) for ids in eval_ids] == [11, 10]
