@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "jfcnn.models": {"jfcnn.ops", "jfcnn.models"},
     "jfcnn.visualize": set(),
     "jfcnn.cli": set(),
+    "jfcnn.distributed": set(),
     "jfcnn.config_validation": set(),
     "jfcnn.data": {"jfcnn.data", "jfcnn.visualize"},
     "jfcnn.checkpoint": set(),
