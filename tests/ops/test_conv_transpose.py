@@ -233,3 +233,34 @@ def test_matches_torch(hw, khw, strides, padding):
     np.testing.assert_allclose(
         np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "hw,khw,strides,padding",
+    [
+        ((2, 4), (4, 2), (1, 2), (2, 1)),
+        ((4, 2), (2, 4), (2, 1), (1, 2)),
+        ((2, 4), (4, 2), (1, 2), (0, 1)),
+        ((2, 4), (3, 2), (1, 2), (1, 1)),
+    ],
+)
+def test_axes_with_different_strides_match_torch(hw, khw, strides, padding):
+    # Settings on which XLA's CPU compiler aborted the dilated-convolution form.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, *hw, 2)).astype(np.float32)
+    kernel = rng.standard_normal((*khw, 2, 3)).astype(np.float32)
+    expected = torch.nn.functional.conv_transpose2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        torch.from_numpy(kernel.transpose(2, 3, 0, 1).copy()),
+        stride=strides,
+        padding=padding,
+    ).numpy()
+    got = jax.jit(conv_transpose, static_argnums=(2, 3))(
+        jnp.asarray(x), jnp.asarray(kernel), strides, padding
+    )
+    np.testing.assert_allclose(
+        np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5
+    )
+    grad = jax.grad(lambda v: conv_transpose(v, jnp.asarray(kernel), strides, padding).sum())
+    assert np.isfinite(np.asarray(grad(jnp.asarray(x)))).all()
