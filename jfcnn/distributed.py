@@ -31,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,6 +157,10 @@ def initialize(
 
     if jax.distributed.is_initialized():
         return True
+    if coordinator_address is not None and process_id != 0:
+        # JAX aborts the whole process (no exception) when registration times out:
+        # check first that the coordinator answers, to stop with a message instead.
+        _wait_for_coordinator(coordinator_address, timeout_s)
     # CPU collectives across processes (a no-op for accelerators' own collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -172,7 +178,32 @@ def initialize(
             "address is reachable from this host and the port free, or raise "
             "--distributed_timeout."
         ) from None
+    if jax.process_index() != 0:
+        # Progress is process 0's to log; the others keep warnings and errors.
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once HOST:PORT ``address`` accepts a connection; UserError after ``timeout_s``."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"could not reach the coordinator at {address} within {timeout_s} s "
+                    f"({e.strerror or e}). Process 0 hosts it: start it with the same "
+                    "--coordinator_address and --num_processes, check that the address is "
+                    "reachable from this host, or raise --distributed_timeout."
+                ) from None
+            time.sleep(0.5)
 
 
 def _check_explicit(address: str | None, num_processes: int | None, process_id: int | None):
