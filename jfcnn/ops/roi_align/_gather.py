@@ -19,6 +19,7 @@ from jfcnn.ops._util import check_int, pair
 from jfcnn.ops.roi_align._geometry import (
     MULTILEVEL_MAX_SAMPLING_RATIO,
     check_pyramid,
+    check_roi_inputs,
     fpn_levels,
 )
 from jfcnn.ops.roi_align._kernel import patch_extent, roi_align_flat
@@ -152,46 +153,10 @@ def roi_align(
         raise ValueError(f"max_sampling_ratio must be >= 1, got {max_sampling_ratio}")
     if index_mode not in _INDEX_MODES:
         raise ValueError(f"index_mode must be one of {_INDEX_MODES}, got {index_mode!r}")
-    features = jnp.asarray(features)
-    boxes = jnp.asarray(boxes)
-    if not jnp.issubdtype(features.dtype, jnp.floating):
-        raise TypeError(f"features must be floating point, got dtype {features.dtype}")
-    if not jnp.issubdtype(boxes.dtype, jnp.floating):
-        raise TypeError(f"boxes must be floating point, got dtype {boxes.dtype}")
-    if boxes.ndim == 0 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must end in a dimension of 4 (x1, y1, x2, y2), got {boxes.shape}")
-
-    if features.ndim == 3:
-        if box_indices is not None:
-            raise ValueError(
-                "box_indices is only for batched features (B, H, W, C), got features "
-                f"of shape {features.shape}"
-            )
-        if boxes.ndim != 2:
-            raise ValueError(f"features (H, W, C) need boxes (N, 4), got boxes {boxes.shape}")
-    elif features.ndim == 4:
-        if box_indices is None:
-            if boxes.ndim != 3 or boxes.shape[0] != features.shape[0]:
-                raise ValueError(
-                    f"features {features.shape} (B, H, W, C) need per-image boxes (B, N, 4) "
-                    f"with the same B, or flat boxes (K, 4) with box_indices; got boxes "
-                    f"{boxes.shape}"
-                )
-        else:
-            box_indices = jnp.asarray(box_indices)
-            if not jnp.issubdtype(box_indices.dtype, jnp.integer):
-                raise TypeError(f"box_indices must be integers, got dtype {box_indices.dtype}")
-            if boxes.ndim != 2 or box_indices.shape != boxes.shape[:1]:
-                raise ValueError(
-                    f"flat form needs boxes (K, 4) and box_indices (K,), got boxes {boxes.shape} "
-                    f"and box_indices {box_indices.shape}"
-                )
-            if index_mode == "raise" and not isinstance(box_indices, jax.core.Tracer):
-                _check_indices(np.asarray(box_indices), features.shape[0])
-    else:
-        raise ValueError(f"features must be (H, W, C) or (B, H, W, C), got shape {features.shape}")
-    if min(features.shape[-3:-1]) < 1:
-        raise ValueError(f"features must have a non-empty spatial extent, got {features.shape}")
+    features, boxes, box_indices = check_roi_inputs(features, boxes, box_indices)
+    if box_indices is not None and index_mode == "raise":
+        if not isinstance(box_indices, jax.core.Tracer):
+            _check_indices(np.asarray(box_indices), features.shape[0])
     return _roi_align_impl(
         features,
         boxes,

@@ -12,6 +12,7 @@ exactly alike. The FPN level rule and the pyramid checks are shared by
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,51 @@ def check_pyramid(
             f"{boxes.shape}"
         )
     return features, boxes, strides
+
+
+def check_roi_inputs(features: Any, boxes: Any, box_indices: Any) -> tuple[Any, Any, Any]:
+    """Checks the three input forms of `roi_align` and `roi_pool`; returns them as arrays.
+
+    ``(H, W, C)`` features with ``(N, 4)`` boxes; ``(B, H, W, C)`` with
+    ``(B, N, 4)``; or ``(B, H, W, C)`` with flat ``(K, 4)`` boxes and ``(K,)``
+    integer ``box_indices``. Raises TypeError or ValueError naming the problem.
+    """
+    features = jnp.asarray(features)
+    boxes = jnp.asarray(boxes)
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        raise TypeError(f"features must be floating point, got dtype {features.dtype}")
+    if not jnp.issubdtype(boxes.dtype, jnp.floating):
+        raise TypeError(f"boxes must be floating point, got dtype {boxes.dtype}")
+    if boxes.ndim == 0 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must end in a dimension of 4 (x1, y1, x2, y2), got {boxes.shape}")
+
+    if features.ndim == 3:
+        if box_indices is not None:
+            raise ValueError(
+                "box_indices is only for batched features (B, H, W, C), got features "
+                f"of shape {features.shape}"
+            )
+        if boxes.ndim != 2:
+            raise ValueError(f"features (H, W, C) need boxes (N, 4), got boxes {boxes.shape}")
+    elif features.ndim == 4:
+        if box_indices is None:
+            if boxes.ndim != 3 or boxes.shape[0] != features.shape[0]:
+                raise ValueError(
+                    f"features {features.shape} (B, H, W, C) need per-image boxes (B, N, 4) "
+                    f"with the same B, or flat boxes (K, 4) with box_indices; got boxes "
+                    f"{boxes.shape}"
+                )
+        else:
+            box_indices = jnp.asarray(box_indices)
+            if not jnp.issubdtype(box_indices.dtype, jnp.integer):
+                raise TypeError(f"box_indices must be integers, got dtype {box_indices.dtype}")
+            if boxes.ndim != 2 or box_indices.shape != boxes.shape[:1]:
+                raise ValueError(
+                    f"flat form needs boxes (K, 4) and box_indices (K,), got boxes {boxes.shape} "
+                    f"and box_indices {box_indices.shape}"
+                )
+    else:
+        raise ValueError(f"features must be (H, W, C) or (B, H, W, C), got shape {features.shape}")
+    if min(features.shape[-3:-1]) < 1:
+        raise ValueError(f"features must have a non-empty spatial extent, got {features.shape}")
+    return features, boxes, box_indices
