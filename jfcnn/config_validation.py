@@ -71,6 +71,10 @@ DATA: dict[str, Field] = {
     "max_instances": _f(int, minimum=1),
     "cache": _f(bool),
     "ignore_label": _f(int, minimum=0),
+    # torchvision's detection resize (converted models; jfcnn.data.pipeline.torchvision_resize).
+    "resize": _f(str, choices=("fit", "torchvision"), optional=True),
+    "min_size": _f(int, minimum=1, optional=True),
+    "max_size": _f(int, minimum=1, optional=True),
     # Data sets made from the user's files (jfcnn/data/folder.py, coco_json.py).
     "folder": _f(str, optional=True),
     "train_annotations": _f(str, optional=True),

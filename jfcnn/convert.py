@@ -14,7 +14,12 @@ The weights file is the published v1 file or a ``state_dict()`` saved from
 current torchvision (the key names differ; both are read), as ``.pth``
 (needs torch), ``.safetensors`` or ``.npz`` (NumPy only).
 
-What the converted model does like torchvision's at inference: the backbone's
+What the converted model does like torchvision's at inference: images resized
+as ``GeneralizedRCNNTransform`` resizes them (shorter side ``--min_size`` 800,
+longer at most ``--max_size`` 1333, bilinear, the sizes computed as
+torchvision computes them; ``config.data.resize = "torchvision"``) on a square
+canvas of ``max_size`` rounded up to 32, with each image's size passed to the
+model so the canvas padding adds no proposals; the backbone's
 frozen batch norm (epsilon 0 for the published v1 weights, as torchvision sets
 when it loads them; 1e-5 for a state dict of current names, the epsilon of a
 model built without the v1 weights; ``--norm_epsilon`` overrides), ROI Align
@@ -52,11 +57,21 @@ COCO_CATEGORY_IDS = tuple(
 # ten of which COCO never uses.
 NUM_CLASSES = 91
 UNUSED_CLASS_NAME = "N/A"
+# torchvision's resize (GeneralizedRCNNTransform): shorter side to MIN_SIZE, longer side
+# at most MAX_SIZE.
+MIN_SIZE, MAX_SIZE = 800, 1333
+
+
+def canvas_size(max_size: int) -> int:
+    """The canvas side that holds any resized image: ``max_size`` rounded up to 32."""
+    return -(-int(max_size) // 32) * 32
+
+
 # Canvas side of evaluation: torchvision's longest resized side (1333) padded to 32.
-CANVAS = 1344
+CANVAS = canvas_size(MAX_SIZE)
 
 
-def coco_metadata() -> DatasetMetadata:
+def coco_metadata(image_size: int = CANVAS) -> DatasetMetadata:
     """Metadata of a torchvision COCO detector: class id = COCO category id."""
     names = [UNUSED_CLASS_NAME] * NUM_CLASSES
     names[0] = "background"
@@ -66,7 +81,7 @@ def coco_metadata() -> DatasetMetadata:
         name="coco/2017_panoptic",
         num_classes=NUM_CLASSES,
         class_names=tuple(names),
-        image_size=CANVAS,
+        image_size=image_size,
         num_train_examples=0,
         num_eval_examples=0,
         has_instances=True,
@@ -75,13 +90,18 @@ def coco_metadata() -> DatasetMetadata:
     )
 
 
-def maskrcnn_config(norm_epsilon: float) -> ml_collections.ConfigDict:
+def maskrcnn_config(
+    norm_epsilon: float, *, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE
+) -> ml_collections.ConfigDict:
     """The run config of a converted ``maskrcnn_resnet50_fpn`` (``maskrcnn_coco.py``'s keys).
 
     Written out here rather than read from ``configs/``, which an installed
     jfcnn does not ship. Model fields are torchvision's inference settings;
-    the optimizer is torchvision's fine-tuning recipe (SGD, momentum 0.9,
-    learning rate 0.02 at batch 16).
+    images are resized as torchvision resizes them (``data.resize =
+    "torchvision"``: shorter side ``min_size``, longer at most ``max_size``)
+    on a canvas of ``max_size`` rounded up to 32; the optimizer is
+    torchvision's fine-tuning recipe (SGD, momentum 0.9, learning rate 0.02
+    at batch 16).
     """
     config = ml_collections.ConfigDict()
     config.task = "instance"
@@ -130,7 +150,10 @@ def maskrcnn_config(norm_epsilon: float) -> ml_collections.ConfigDict:
         {
             "name": "coco/2017_panoptic",
             "data_dir": None,
-            "image_size": CANVAS,
+            "image_size": canvas_size(max_size),
+            "resize": "torchvision",
+            "min_size": int(min_size),
+            "max_size": int(max_size),
             "train_split": "train",
             "eval_split": "validation",
             "shuffle_buffer": 10_000,
@@ -160,9 +183,18 @@ def maskrcnn_config(norm_epsilon: float) -> ml_collections.ConfigDict:
 
 
 def convert_maskrcnn(
-    weights_path: str, workdir: str, *, norm_epsilon: float | None = None
+    weights_path: str,
+    workdir: str,
+    *,
+    norm_epsilon: float | None = None,
+    min_size: int = MIN_SIZE,
+    max_size: int = MAX_SIZE,
 ) -> dict[str, Any]:
     """Converts a ``maskrcnn_resnet50_fpn`` state dict file into the work directory ``workdir``.
+
+    ``min_size`` and ``max_size`` are the sizes of torchvision's resize the
+    work directory evaluates and predicts with (torchvision's ``min_size`` and
+    ``max_size`` arguments; 800 and 1333 for the published model).
 
     Returns:
       ``{"workdir", "key_names" ("v1" or "current"), "norm_epsilon"}``.
@@ -171,13 +203,18 @@ def convert_maskrcnn(
       WeightsError: the file does not fit (the first bad key is named).
       ConfigError: ``workdir`` already holds checkpoints.
     """
+    if min(min_size, max_size) < 1:
+        raise ConfigError(
+            f"--min_size={min_size} and --max_size={max_size}; both must be positive "
+            f"(torchvision's defaults: {MIN_SIZE} and {MAX_SIZE})."
+        )
     state_dict = weights_lib.read_state_dict(weights_path)
     current, was_v1 = weights_lib.current_key_names(state_dict)
     if norm_epsilon is None:
         norm_epsilon = 0.0 if was_v1 else 1e-5
-    config = maskrcnn_config(norm_epsilon)
+    config = maskrcnn_config(norm_epsilon, min_size=min_size, max_size=max_size)
     tasks.validate_config(config)
-    metadata = coco_metadata()
+    metadata = coco_metadata(config.data.image_size)
     task = tasks.get_task(config, metadata)
     model: MaskRCNN = task.model
     # The variables' shapes do not depend on the image size: a small dummy.
@@ -225,7 +262,13 @@ def main(argv) -> None:
             raise ConfigError(
                 f"--torchvision={FLAGS.torchvision!r}; jfcnn converts {list(ARCHITECTURES)}."
             )
-        result = convert_maskrcnn(FLAGS.weights, FLAGS.workdir, norm_epsilon=FLAGS.norm_epsilon)
+        result = convert_maskrcnn(
+            FLAGS.weights,
+            FLAGS.workdir,
+            norm_epsilon=FLAGS.norm_epsilon,
+            min_size=FLAGS.min_size,
+            max_size=FLAGS.max_size,
+        )
     print(
         f"Wrote {result['workdir']} ({result['key_names']} key names, frozen batch norm "
         f"epsilon {result['norm_epsilon']:g}); evaluate it with "
@@ -244,5 +287,7 @@ if __name__ == "__main__":
     flags.DEFINE_float(
         "norm_epsilon", None, "Frozen batch norm epsilon (default: 0 for v1 key names, else 1e-5)."
     )
+    flags.DEFINE_integer("min_size", MIN_SIZE, "torchvision's resize: the shorter side.")
+    flags.DEFINE_integer("max_size", MAX_SIZE, "torchvision's resize: the longer side at most.")
     FLAGS = flags.FLAGS
     app.run(main)

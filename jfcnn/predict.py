@@ -211,6 +211,11 @@ class Predictor:
         self.category_ids: tuple[int, ...] = tuple(int(c) for c in self.metadata.category_ids)
         self.score_threshold = float(score_threshold)
         self.image_size = int(self.metadata.image_size)
+        # (min_size, max_size) of torchvision's resize (converted models), else None.
+        self._torchvision = pipeline.torchvision_resize(self.config.data)
+        if self._torchvision is not None:
+            pipeline.check_torchvision_resize(self.config.data)
+        self._pass_sizes = self._torchvision is not None and self.task_name == "instance"
         devices = jax.device_count()
         self.batch_size = -(-batch_size // devices) * devices
         self._mesh = state_lib.data_mesh()
@@ -280,7 +285,10 @@ class Predictor:
         # Eager, like tf.data's map: a tf.function would let Grappler reorder the
         # arithmetic, and the canvas would differ from evaluation's in the last bit.
         canvas, resized_size = pipeline.fit_image(
-            prediction.image, self.image_size, bool(self.metadata.keep_aspect)
+            prediction.image,
+            self.image_size,
+            bool(self.metadata.keep_aspect),
+            torchvision=self._torchvision,
         )
         return _Fitted(prediction, canvas.numpy(), resized_size.numpy())
 
@@ -301,7 +309,7 @@ class Predictor:
         in_flight: collections.deque = collections.deque()
         for chunk in _chunks(fitted, self.batch_size):
             good = [f for f in chunk if f.prediction.error is None]
-            outputs = self._dispatch([f.canvas for f in good]) if good else None
+            outputs = self._dispatch(good) if good else None
             in_flight.append((chunk, outputs))
             if len(in_flight) > 1:
                 yield from self._finish(*in_flight.popleft(), probabilities, full_masks)
@@ -354,6 +362,7 @@ class Predictor:
             original_size,
             score_threshold=self.score_threshold,
             full_masks=full_masks,
+            mask_paste=getattr(self.task.model, "mask_paste", "centers"),
         )
         detections["category_ids"] = np.array(
             [self.category_ids[c] for c in detections["classes"]], np.int64
@@ -368,23 +377,31 @@ class Predictor:
         std = np.asarray(self.metadata.normalization["std"], np.float32)
         semantic = self.task.name == "semantic"
 
-        def forward(variables, images_bss3):
+        def forward(variables, images_bss3, image_sizes_b2):
             # The normalization training applied (the identity for every data set today).
             images_bss3 = (images_bss3 - mean) / std
-            outputs = model.apply(variables, images_bss3, train=False)
+            if self._pass_sizes:  # Where each image ends on its canvas (torchvision's resize).
+                outputs = model.apply(
+                    variables, images_bss3, train=False, image_sizes=image_sizes_b2
+                )
+            else:
+                outputs = model.apply(variables, images_bss3, train=False)
             if semantic:
                 return jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)
             return {key: outputs[key] for key in _INSTANCE_OUTPUTS}
 
         return forward
 
-    def _dispatch(self, canvases: list[np.ndarray]) -> Any:
+    def _dispatch(self, fitted: list[_Fitted]) -> Any:
         """Starts the model on up to ``batch_size`` canvases (padded); returns without waiting."""
         size = self.image_size
         batch = np.zeros((self.batch_size, size, size, 3), np.float32)
-        batch[: len(canvases)] = np.stack(canvases)
+        batch[: len(fitted)] = np.stack([f.canvas for f in fitted])
+        sizes = np.full((self.batch_size, 2), size, np.int32)  # Padding slots: the canvas.
+        sizes[: len(fitted)] = np.stack([f.resized_size for f in fitted])
         batch = jax.device_put(batch, self._batch_sharding)
-        return self._forward(self._variables, batch)
+        sizes = jax.device_put(sizes, self._batch_sharding)
+        return self._forward(self._variables, batch, sizes)
 
 
 def _chunks(fitted: Iterator[_Fitted], size: int) -> Iterator[list[_Fitted]]:

@@ -24,6 +24,8 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from torchvision_maskrcnn import (  # noqa: E402  (after the importorskip)
+    MAX_SIZE,
+    MIN_SIZE,
     TORCHVISION_FIELDS,
     build_torchvision_model,
     photo,
@@ -210,3 +212,56 @@ def test_a_larger_canvas_has_torchvision_anchors_only(torch_model, converted):
     got, inside = np.asarray(got[0]), np.asarray(inside[0])
     assert inside.sum() == len(want) < len(inside)
     np.testing.assert_array_equal(got[inside], want)
+
+
+def _mask_ious(want_masks, got_masks, match):
+    return [
+        (want_masks[i] & got_masks[j]).sum() / max((want_masks[i] | got_masks[j]).sum(), 1)
+        for i, j in enumerate(match)
+        if j >= 0
+    ]
+
+
+def test_predict_on_a_converted_workdir_gives_torchvision_results(torch_model, tmp_path):
+    """`jfcnn.predict` end to end (torchvision's resize on a larger square canvas,
+    mapping back, mask pasting) against torchvision's whole model on a non-square
+    image; both resize to a short side of 160, a long side of at most 256, to stay cheap."""
+    from jfcnn import convert, predict
+    from jfcnn.data import pipeline
+
+    path = str(tmp_path / "maskrcnn.npz")
+    np.savez(path, **{k: v.numpy() for k, v in torch_model.state_dict().items()})
+    workdir = str(tmp_path / "converted")
+    convert.convert_maskrcnn(path, workdir, min_size=160, max_size=256)
+    # 75 x 161: the longer side binds (scale 256 / 161), and 161 * (256 / 161) is just
+    # under 256 in double precision, so torchvision's floor makes it 255, not 256.
+    image = np.round(photo(75, 161, 1) * 255).astype(np.uint8)
+    tensor = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)
+    transform = torch_model.transform
+    try:
+        transform.min_size, transform.max_size = (160,), 256
+        with torch.no_grad():
+            assert tuple(transform.resize(tensor, None)[0].shape[1:]) == (119, 255)
+            want = torch_model([tensor])[0]
+    finally:
+        transform.min_size, transform.max_size = (MIN_SIZE,), MAX_SIZE
+    canvas, resized = pipeline.fit_image(image, 256, True, torchvision=(160, 256))
+    assert canvas.shape == (256, 256, 3) and list(resized.numpy()) == [119, 255]
+
+    with predict.Predictor(workdir, batch_size=1) as predictor:
+        # A canvas of 256 x 256, taller than torchvision's padded 128 x 256 batch.
+        assert predictor.image_size == 256
+        got = predictor.predict(image)
+    want_boxes, want_scores = want["boxes"].numpy(), want["scores"].numpy()
+    want_labels = want["labels"].numpy()
+    want_masks = want["masks"][:, 0].numpy() >= 0.5
+    assert len(want_scores) > 10, len(want_scores)
+    args_want = (want_boxes, want_scores, want_labels)
+    args_got = (got["boxes"], got["scores"], got["classes"])
+    forward, match = _matched_fraction(*args_want, *args_got)
+    backward, _ = _matched_fraction(*args_got, *args_want)
+    assert forward >= 0.97 and backward >= 0.97, (forward, backward)
+    # A converted model's class slots are COCO's category ids.
+    np.testing.assert_array_equal(got["category_ids"], got["classes"])
+    ious = _mask_ious(want_masks, got["masks"].astype(bool), match)
+    assert np.mean(ious) >= 0.95, np.mean(ious)

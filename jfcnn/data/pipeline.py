@@ -183,7 +183,46 @@ def fitted_size(height: Any, width: Any, size: Any, keep_aspect: bool) -> list[t
     ]
 
 
-def fit_image(image: Any, size: int, keep_aspect: bool) -> tuple[tf.Tensor, tf.Tensor]:
+def torchvision_resize(data_config: Any) -> tuple[int, int] | None:
+    """``(min_size, max_size)`` if ``data_config`` asks for torchvision's resize, else None.
+
+    ``config.data.resize = "torchvision"`` (what `jfcnn.convert` writes)
+    resizes images as torchvision's ``GeneralizedRCNNTransform`` does (see
+    `torchvision_size`) instead of fitting their longer side to S;
+    ``data.min_size`` (default 800) and ``data.max_size`` (default 1333) are
+    its sizes. Any other value, or no key (every other config), is None.
+    """
+    if data_config.get("resize") != "torchvision":
+        return None
+    min_size = data_config.get("min_size") or TORCHVISION_MIN_SIZE
+    max_size = data_config.get("max_size") or TORCHVISION_MAX_SIZE
+    return int(min_size), int(max_size)
+
+
+# GeneralizedRCNNTransform's defaults in torchvision's detection models.
+TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = 800, 1333
+
+
+def torchvision_size(height: Any, width: Any, min_size: Any, max_size: Any) -> list[tf.Tensor]:
+    """The (height, width) torchvision's detection transform resizes an image to.
+
+    torchvision's ``_resize_image_and_masks``: the scale factor is
+    ``min(min_size / shorter side, max_size / longer side)`` and each side
+    becomes ``floor(side * scale)`` (``interpolate(scale_factor=...,
+    recompute_scale_factor=True)``), both in double precision as Python
+    computes them there, so the sizes are torchvision's exactly.
+    """
+    height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    scale = tf.minimum(
+        tf.cast(min_size, tf.float64) / tf.minimum(height, width),
+        tf.cast(max_size, tf.float64) / tf.maximum(height, width),
+    )
+    return [tf.cast(tf.floor(n * scale), tf.int32) for n in (height, width)]
+
+
+def fit_image(
+    image: Any, size: int, keep_aspect: bool, *, torchvision: tuple[int, int] | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """An (H, W, 3) uint8 image as the model's (S, S, 3) float32 input in [0, 1].
 
     Exactly what evaluation does to an image (and training, before its random
@@ -191,18 +230,60 @@ def fit_image(image: Any, size: int, keep_aspect: bool) -> tuple[tf.Tensor, tf.T
     zero-pad to S x S at the bottom and right. Prediction uses it too, so a
     model sees new images as it saw its training data.
 
+    With ``torchvision=(min_size, max_size)`` (`torchvision_resize`) the image
+    is resized as torchvision's detection models resize it: to
+    `torchvision_size`, bilinear without antialiasing (``F.interpolate(...,
+    mode="bilinear", align_corners=False)``); it must fit in S x S
+    (``S >= max_size``). The model should then be told each image's
+    ``resized_size`` (``image_sizes``), so the padding adds no proposals.
+
     Returns:
       ``(canvas, resized_size)``: the (S, S, 3) float32 canvas and the int32
       (height, width) the image occupies in it, top-left.
     """
     image = tf.convert_to_tensor(image)
-    resized = fitted_size(tf.shape(image)[0], tf.shape(image)[1], size, keep_aspect)
+    if torchvision is not None:
+        resized = torchvision_size(tf.shape(image)[0], tf.shape(image)[1], *torchvision)
+        antialias = False
+    else:
+        resized = fitted_size(tf.shape(image)[0], tf.shape(image)[1], size, keep_aspect)
+        antialias = True
     canvas = tf.image.resize(
-        tf.cast(image, tf.float32) / 255.0, resized, method="bilinear", antialias=True
+        tf.cast(image, tf.float32) / 255.0, resized, method="bilinear", antialias=antialias
     )
     canvas = tf.image.pad_to_bounding_box(canvas, 0, 0, size, size)
     canvas = tf.ensure_shape(tf.clip_by_value(canvas, 0.0, 1.0), [size, size, 3])
     return canvas, tf.stack(resized)
+
+
+def check_torchvision_resize(data_config: Any) -> None:
+    """Raises ``ConfigError`` if torchvision's resize is asked for and does not fit the canvas."""
+    resize = data_config.get("resize")
+    if resize is None:
+        return
+    if resize not in ("fit", "torchvision"):
+        raise ConfigError(
+            f"Config key `data.resize` is {resize!r}; choose 'fit' (the longer side to "
+            "data.image_size) or 'torchvision' (torchvision's detection resize)."
+        )
+    sizes = torchvision_resize(data_config)
+    if sizes is None:
+        return
+    min_size, max_size = sizes
+    if min(min_size, max_size) < 1:
+        raise ConfigError(
+            f"Config keys `data.min_size` and `data.max_size` are {min_size} and {max_size}; "
+            "both must be positive (torchvision's defaults: 800 and 1333)."
+        )
+    size = data_config.image_size
+    if size < max_size:
+        canvas = -(-max_size // 32) * 32
+        raise ConfigError(
+            f"Config key `data.image_size` is {size}, smaller than `data.max_size` {max_size}: "
+            "torchvision's resize makes an image's longer side up to max_size pixels, which "
+            f"must fit the canvas. Set data.image_size to {canvas} (max_size rounded up to a "
+            "multiple of 32) or lower data.max_size."
+        )
 
 
 def _read(
@@ -301,14 +382,29 @@ def _preprocess(
         scaled = tf.maximum(tf.cast(tf.round(scale * size), tf.int32), 1)
         offset_frac = tf.random.stateless_uniform([2], offset_seed)
     else:
+        scale = tf.constant(1.0)
         scaled = tf.constant(size, tf.int32)
         offset_frac = tf.zeros([2])
-    resized = fitted_size(original_size[0], original_size[1], scaled, spec.keep_aspect)
+    torchvision = torchvision_resize(data_config)
+    if torchvision is not None:
+        # torchvision's sizes (exactly, unaugmented), scaled with the canvas when augmenting.
+        min_size, max_size = (
+            tf.cast(n, tf.float64) * tf.cast(scale, tf.float64) for n in torchvision
+        )
+        resized = [
+            tf.minimum(n, scaled)
+            for n in torchvision_size(original_size[0], original_size[1], min_size, max_size)
+        ]
+    else:
+        resized = fitted_size(original_size[0], original_size[1], scaled, spec.keep_aspect)
     image = tf.image.resize(
-        tf.cast(image, tf.float32) / 255.0, resized, method="bilinear", antialias=True
+        tf.cast(image, tf.float32) / 255.0,
+        resized,
+        method="bilinear",
+        antialias=torchvision is None,  # torchvision interpolates without antialiasing.
     )
     label_maps = tf.image.resize(label_maps, resized, method="nearest")
-    if spec.keep_aspect:
+    if spec.keep_aspect or torchvision is not None:
         image = tf.image.pad_to_bounding_box(image, 0, 0, scaled, scaled)
         label_maps = tf.image.pad_to_bounding_box(label_maps, 0, 0, scaled, scaled)
     image = _crop_or_pad(image, scaled, size, offset_frac)
@@ -369,6 +465,7 @@ def _check_data_config(
     low, high = data_config.scale_range
     if not 0 < low <= high:
         raise ValueError(f"config.data.scale_range must be 0 < min <= max, got {(low, high)}")
+    check_torchvision_resize(data_config)
     if not instances:
         return None
     if not spec.has_instances:

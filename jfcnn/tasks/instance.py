@@ -101,8 +101,45 @@ def _paste_weights(start: float, end: float, mask_size: int, first: int, stop: i
     return np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(mask_size)))
 
 
+def _torchvision_paste_weights(
+    start: float, end: float, mask_size: int, length: int
+) -> tuple[int, np.ndarray]:
+    """``(first, (stop - first, mask_size) weights)`` of torchvision's paste along one axis.
+
+    The numbers of ``jfcnn.ops.detection.paste_masks_torchvision``: the box
+    expanded by one mask pixel each side (float32, as torchvision computes
+    it), truncated to ints ``b0 .. b1``; its ``n = b1 - b0 + 1`` pixels read
+    the zero-padded ``mask_size + 2`` mask resized to ``n`` (bilinear,
+    ``align_corners=False``); ``first..stop-1`` are those pixels inside the image.
+    """
+    center = (np.float32(start) + np.float32(end)) * np.float32(0.5)
+    half = (np.float32(end) - np.float32(start)) * np.float32(0.5)
+    half = half * np.float32((mask_size + 2) / mask_size)
+    b0, b1 = int(np.trunc(center - half)), int(np.trunc(center + half))
+    count = max(b1 - b0 + 1, 1)
+    first, stop = max(b0, 0), min(b0 + count, length)
+    if first >= stop:
+        return first, np.zeros((0, mask_size))
+    padded = mask_size + 2
+    u = np.arange(first - b0, stop - b0, dtype=np.float32)
+    source = np.maximum((u + np.float32(0.5)) * np.float32(padded / count) - np.float32(0.5), 0)
+    low = np.minimum(np.floor(source), padded - 1)
+    high = np.minimum(low + 1, padded - 1)
+    frac = (source - low).astype(np.float64)
+    cells = np.arange(padded)
+    weights = (cells == low[:, None]) * (1.0 - frac[:, None]) + (cells == high[:, None]) * frac[
+        :, None
+    ]
+    return first, weights[:, 1:-1]  # The padding cells hold zeros: dropped.
+
+
 def paste_region(
-    mask_probs: np.ndarray, box: Sequence[float], image_size: Sequence[int], threshold: float = 0.5
+    mask_probs: np.ndarray,
+    box: Sequence[float],
+    image_size: Sequence[int],
+    threshold: float = 0.5,
+    *,
+    convention: str = "centers",
 ) -> tuple[int, int, np.ndarray]:
     """`paste_mask` as the only part of the image it can set: ``(row0, col0, crop)``.
 
@@ -110,17 +147,28 @@ def paste_region(
     and columns ``col0..col0+w-1`` (the box and one pixel around it, clipped to
     the image; ``h`` or ``w`` is 0 when the box misses the image); the mask is
     0 everywhere else. Costs the box's area, not the image's.
+
+    ``convention="torchvision"`` pastes as torchvision's
+    ``paste_masks_in_image`` does (a model's ``mask_paste="torchvision"``,
+    converted models): the mask zero-padded by one pixel, its box expanded to
+    match and truncated to whole pixels.
     """
     height, width = (int(n) for n in image_size)
     mask_probs = np.asarray(mask_probs, np.float64)
     x1, y1, x2, y2 = (float(v) for v in box)
-    # Pixels whose center is more than a pixel outside the box get weight 0.
-    row0, row1 = max(int(np.floor(y1)) - 1, 0), min(int(np.ceil(y2)) + 1, height)
-    col0, col1 = max(int(np.floor(x1)) - 1, 0), min(int(np.ceil(x2)) + 1, width)
+    if convention == "torchvision":
+        row0, wy = _torchvision_paste_weights(y1, y2, mask_probs.shape[0], height)
+        col0, wx = _torchvision_paste_weights(x1, x2, mask_probs.shape[1], width)
+        row1, col1 = row0 + len(wy), col0 + len(wx)
+    else:
+        # Pixels whose center is more than a pixel outside the box get weight 0.
+        row0, row1 = max(int(np.floor(y1)) - 1, 0), min(int(np.ceil(y2)) + 1, height)
+        col0, col1 = max(int(np.floor(x1)) - 1, 0), min(int(np.ceil(x2)) + 1, width)
+        if row0 < row1 and col0 < col1:
+            wy = _paste_weights(y1, y2, mask_probs.shape[0], row0, row1)
+            wx = _paste_weights(x1, x2, mask_probs.shape[1], col0, col1)
     if row0 >= row1 or col0 >= col1:
         return row0, col0, np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), np.uint8)
-    wy = _paste_weights(y1, y2, mask_probs.shape[0], row0, row1)
-    wx = _paste_weights(x1, x2, mask_probs.shape[1], col0, col1)
     # Blocks of rows small enough that OpenBLAS computes each on the calling thread
     # (m * n * k <= 2**18): its own threads, contending with the predictor's on a busy
     # machine, made one large box cost ~10 ms instead of ~0.1.
@@ -166,6 +214,7 @@ def detections_in_original(
     score_threshold: float = 0.0,
     mask_threshold: float = 0.5,
     full_masks: bool = True,
+    mask_paste: str = "centers",
 ) -> dict[str, Any]:
     """One image's detections on the model's canvas, mapped back to the original image.
 
@@ -190,6 +239,8 @@ def detections_in_original(
       full_masks: also return ``masks``, the crops pasted into full-size
         images (N x H x W bytes: 30 MB for 100 detections on a 640 x 480
         photo; without them a detection costs its region).
+      mask_paste: the model's ``mask_paste`` (``"torchvision"``: torchvision's
+        pasting, see `paste_region`).
 
     Returns:
       ``boxes`` (N, 4) float64 ``(x1, y1, x2, y2)`` original pixels,
@@ -217,7 +268,11 @@ def detections_in_original(
     regions = np.zeros((len(keep), 4), np.int64)
     for n in range(len(keep)):
         row0, col0, crop = paste_region(
-            mask_probs[n], pasted_boxes[n], (height, width), mask_threshold
+            mask_probs[n],
+            pasted_boxes[n],
+            (height, width),
+            mask_threshold,
+            convention="torchvision" if mask_paste == "torchvision" else "centers",
         )
         crops.append(crop)
         regions[n] = row0, row0 + crop.shape[0], col0, col0 + crop.shape[1]
@@ -272,6 +327,9 @@ class InstanceSegmentationTask:
         self.metadata = metadata
         self.num_classes = metadata.num_classes
         self.model = build_model(config, self.num_classes, self.models, bn_axis_name=axis_name)
+        # Whether evaluation and prediction pass each image's size on its canvas to the
+        # model (``config.data.resize = "torchvision"``, see jfcnn.data.pipeline).
+        self.image_sizes_known = config.data.get("resize") == "torchvision"
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -317,7 +375,10 @@ class InstanceSegmentationTask:
 
     # -- evaluation --------------------------------------------------------
     def eval_step(self, variables, batch) -> dict[str, jax.Array]:
-        outputs = self.model.apply(variables, batch["image"], train=False)
+        # Resized as torchvision does (converted models), the model is told where each
+        # image ends on the canvas, so the padding adds no proposals (as in torchvision).
+        image_sizes = batch.get("resized_size") if self.image_sizes_known else None
+        outputs = self.model.apply(variables, batch["image"], train=False, image_sizes=image_sizes)
         return {key: outputs[key] for key in EVAL_OUTPUTS}
 
     def new_evaluator(self, num_images: int) -> CocoEvaluator | AnnotationFileEvaluator:
@@ -325,7 +386,9 @@ class InstanceSegmentationTask:
         if data.name == "coco_json":  # Scored against the user's own annotation file.
             split = str(data.get("eval_split", "validation"))
             key = "train_annotations" if split.startswith("train") else "eval_annotations"
-            return AnnotationFileEvaluator(data[key], self.metadata, num_images)
+            return AnnotationFileEvaluator(
+                data[key], self.metadata, num_images, mask_paste=self.model.mask_paste
+            )
         return CocoEvaluator(self.metadata.class_names, num_images)
 
 
@@ -615,7 +678,9 @@ class AnnotationFileEvaluator:
         num_images: int,
         *,
         image_score_threshold: float = 0.5,
+        mask_paste: str = "centers",
     ):
+        self.mask_paste = mask_paste  # The model's (see `detections_in_original`).
         if not annotation_file:
             raise ConfigError(
                 "Config key `data.eval_annotations` is not set; scoring a coco_json data set "
@@ -657,6 +722,7 @@ class AnnotationFileEvaluator:
                 {key: value[i] for key, value in outputs.items()},
                 batch["resized_size"][i],
                 batch["original_size"][i],
+                mask_paste=self.mask_paste,
             )
             classes = found["classes"]
             if np.any((classes < 1) | (classes >= num_classes)):

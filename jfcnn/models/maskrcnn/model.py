@@ -9,6 +9,7 @@ Letters used for shapes:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -59,6 +60,41 @@ def check_images(images: jax.Array, size_divisor: int) -> None:
             f"images are {height}x{width}; this Mask R-CNN needs sides that are multiples of "
             f"{size_divisor} (e.g. {below} or {below + size_divisor}): resize or zero-pad them."
         )
+
+
+@contextlib.contextmanager
+def _batch_edges(image_sizes: jax.Array | None, canvas_hw: Sequence[int], divisor: int):
+    """Within the block, every layer's output is zero beyond each image's padded size.
+
+    torchvision runs an image on a batch padded only to a multiple of
+    ``divisor``: its convolutions see zeros (their own padding) beyond that
+    edge. On a larger canvas the layers would see features computed from the
+    canvas padding there instead, which changes the features near the edge
+    (with random weights, most of them). Zeroing every 4-D output of a
+    submodule (convolutions, norms, blocks) at its resolution beyond the
+    padded size, rounded up, gives each layer torchvision's inputs. Without
+    ``image_sizes`` nothing changes.
+    """
+    if image_sizes is None:
+        yield
+        return
+    canvas = jnp.asarray(canvas_hw, jnp.int32)
+    padded = -(-image_sizes // divisor) * divisor
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(out, jax.Array) or out.ndim != 4:
+            return out
+        h, w = out.shape[1:3]
+        if canvas_hw[0] % h or canvas_hw[1] % w:
+            return out
+        valid = -(-padded * jnp.asarray([h, w], jnp.int32) // canvas)  # (B, 2), rounded up
+        rows = jnp.arange(h)[None, :, None] < valid[:, None, None, 0]
+        cols = jnp.arange(w)[None, None, :] < valid[:, None, None, 1]
+        return jnp.where((rows & cols)[..., None], out, jnp.zeros((), out.dtype))
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 class MaskRCNN(nn.Module):
@@ -350,17 +386,30 @@ class MaskRCNN(nn.Module):
         """Side ``S`` of the predicted masks (28 for ``"fpn"``, 14 for ``"c4"`` by default)."""
         return self._roi_heads_class().output_mask_size(self.mask_pool_size)
 
-    def _features(self, images: jax.Array, train: bool) -> tuple[list, list]:
-        """``(rpn_maps, pool_maps)``: maps the RPN runs on and maps ROI Align reads."""
+    def _features(
+        self, images: jax.Array, train: bool, image_sizes: jax.Array | None = None
+    ) -> tuple[list, list]:
+        """``(rpn_maps, pool_maps)``: maps the RPN runs on and maps ROI Align reads.
+
+        With ``image_sizes`` the canvas outside each image is zero after
+        normalization (``IMAGE_MEAN`` before it), torchvision's padding,
+        whatever the canvas held there.
+        """
         check_images(images, self.size_divisor)
         mean = jnp.asarray(IMAGE_MEAN, jnp.float32)
         std = jnp.asarray(IMAGE_STD, jnp.float32)
-        x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
-        features = self.backbone(x, train=train)
-        if self.roi_heads == "c4":
-            maps = [features["res4"]]
-            return maps, maps
-        pyramid = self.fpn(features)
+        x = (images.astype(jnp.float32) - mean) / std
+        if image_sizes is not None:
+            rows = jnp.arange(images.shape[1])[None, :, None] < image_sizes[:, None, None, 0]
+            cols = jnp.arange(images.shape[2])[None, None, :] < image_sizes[:, None, None, 1]
+            x = jnp.where((rows & cols)[..., None], x, 0.0)
+        x = x.astype(self.dtype)
+        with _batch_edges(image_sizes, images.shape[1:3], self.size_divisor):
+            features = self.backbone(x, train=train)
+            if self.roi_heads == "c4":
+                maps = [features["res4"]]
+                return maps, maps
+            pyramid = self.fpn(features)
         levels = sorted(pyramid, key=lambda name: int(name[1:]))
         pool_maps = [pyramid[name] for name in levels[: len(self.fpn_in_features)]]
         return [pyramid[name] for name in levels], pool_maps
@@ -383,9 +432,9 @@ class MaskRCNN(nn.Module):
         ``image_sizes`` ``(B, 2)`` int: each image's ``(height, width)`` in
         the top-left of its canvas, the rest padding. As torchvision does,
         proposals and detections are clipped to it and anchors are limited
-        to it padded to a multiple of :attr:`size_divisor`; the padding
-        should hold ``IMAGE_MEAN`` (zero after normalization, torchvision's
-        padding). None: the whole canvas is image.
+        to it padded to a multiple of :attr:`size_divisor`, and the canvas
+        outside it is set to ``IMAGE_MEAN`` (zero after normalization,
+        torchvision's padding). None: the whole canvas is image.
 
         Returns:
           ``boxes`` (B, D, 4) float32 pixel ``(x1, y1, x2, y2)``; ``scores``
@@ -396,12 +445,12 @@ class MaskRCNN(nn.Module):
           Padding slots (``detection_valid`` False) are all zeros.
         """
         image_size = images.shape[1:3]
-        rpn_maps, pool_maps = self._features(images, train)
         padded_sizes = None
         if image_sizes is not None:
             image_sizes = jnp.asarray(image_sizes, jnp.int32)
             divisor = self.size_divisor
             padded_sizes = -(-image_sizes // divisor) * divisor
+        rpn_maps, pool_maps = self._features(images, train, image_sizes)
         proposals, proposal_valid = self.rpn(rpn_maps, image_size, image_sizes, padded_sizes)
         detections = self.heads(
             pool_maps, proposals, proposal_valid, image_size, train=train, image_sizes=image_sizes
