@@ -52,7 +52,9 @@ from jfcnn.tasks.base import Task
 
 EVAL_DIR = "eval"
 # Eval batch fields only the host-side evaluator reads (ids may need 64 bits).
-HOST_ONLY_KEYS = ("image_id", "original_size", "resized_size")
+# (``resized_size`` goes to the devices too: a model resized as torchvision does
+# is told where each image ends on its canvas.)
+HOST_ONLY_KEYS = ("image_id", "original_size")
 
 
 def run_evaluation(
@@ -213,6 +215,92 @@ def with_data_overrides(
     return config
 
 
+# Class slots of a model that stand for no class (torchvision's COCO detectors
+# keep slots for the ten COCO category ids that have no objects, named "N/A").
+UNUSED_CLASS_NAMES = ("N/A", "__background__")
+
+
+def class_mapping(
+    model_metadata: data_lib.DatasetMetadata, data_metadata: data_lib.DatasetMetadata
+) -> np.ndarray | None:
+    """How a model's class slots become the evaluation data's class ids, by class name.
+
+    None when the two have the same classes in the same order (nothing to
+    map). Otherwise a ``(K_model,)`` int32 table: the data's class id of each
+    model slot, 0 (the detection is dropped) for the background and unused
+    slots (``"N/A"``). This lets a model whose slots are spaced by category id
+    (a converted torchvision detector: 91 slots, COCO's category ids 1..90
+    with ten unused) be scored on COCO's 80 contiguous classes, or on a COCO
+    JSON file naming the same classes with any ids.
+
+    The classes must be the same set: every class of the data is the name of
+    exactly one model slot and every named model slot is a class of the data;
+    when a class has a category id in both (other than its index), the ids
+    must agree too. Returns None as well when they differ in any other way;
+    `_check_same_classes` then stops with a message.
+    """
+    model_names = tuple(model_metadata.class_names)
+    data_names = tuple(data_metadata.class_names)
+    if model_names == data_names or not data_names:
+        return None
+    used = {
+        name: slot
+        for slot, name in enumerate(model_names)
+        if slot > 0 and name not in UNUSED_CLASS_NAMES
+    }
+    data_classes = {name: k for k, name in enumerate(data_names) if k > 0}
+    duplicated = (
+        len(used)
+        != sum(
+            1
+            for slot, name in enumerate(model_names)
+            if slot > 0 and name not in UNUSED_CLASS_NAMES
+        )
+        or len(data_classes) != len(data_names) - 1
+    )
+    if duplicated or set(used) != set(data_classes):
+        return None
+    table = np.zeros(len(model_names), np.int32)
+    for name, slot in used.items():
+        k = data_classes[name]
+        model_id = model_metadata.category_ids[slot]
+        data_id = data_metadata.category_ids[k]
+        # Ids that are only indices (no ids of their own) say nothing.
+        if model_id != slot and data_id != k and model_id != data_id:
+            return None
+        table[slot] = k
+    return table
+
+
+class RemappedTask:
+    """``task`` evaluated on data whose classes are its classes in other slots.
+
+    The model's detections get the data's class ids (`class_mapping`);
+    detections of unused slots are dropped. The evaluator is the data's (its
+    class names, its category ids), so the scores are the data's.
+    """
+
+    def __init__(self, task: Task, config: ml_collections.ConfigDict, data_metadata, table):
+        self.task = task
+        self.model = task.model
+        self.name = task.name
+        self.needs_instances = task.needs_instances
+        self.metadata = data_metadata
+        self._table = np.asarray(table, np.int32)
+        self._config = config
+
+    def eval_step(self, variables, batch):
+        outputs = dict(self.task.eval_step(variables, batch))
+        classes = jax.numpy.take(self._table, outputs["classes"])
+        outputs["detection_valid"] = outputs["detection_valid"] & (classes > 0)
+        outputs["classes"] = classes
+        return outputs
+
+    def new_evaluator(self, num_images: int):
+        # The data's task builds the evaluator: the data's class names and category ids.
+        return tasks.get_task(self._config, self.metadata).new_evaluator(num_images)
+
+
 def _check_same_classes(config: ml_collections.ConfigDict, task: Task) -> None:
     """Stops an evaluation on data whose classes are not the ones the model was trained on."""
     data_names = tuple(data_lib.dataset_metadata(config).class_names)
@@ -233,7 +321,10 @@ def _check_same_classes(config: ml_collections.ConfigDict, task: Task) -> None:
         raise ConfigError(
             f"The evaluation data ({config.data.name}) has {len(data_names)} classes and the "
             f"model {len(trained)}; class {first} is {name(data_names, first)} in the data and "
-            f"{name(trained, first)} in the model. Evaluate it on data with the model's classes."
+            f"{name(trained, first)} in the model. Evaluate it on data with the model's classes "
+            "(the same class names; a model whose classes sit in other slots, such as a "
+            "converted torchvision detector with COCO's category ids, is mapped to the data's "
+            "classes by name, which needs the same set of names)."
         )
 
 
@@ -269,9 +360,17 @@ def evaluate_run(
         # The task reads config.data too (e.g. which annotation file to score against).
         task = tasks.get_task(config, task.metadata)
     # The model's classes come from the work directory, the ground truth's from the data:
-    # scoring one against the other needs them to be the same classes.
-    _check_same_classes(config, task)
-    metrics, images = run_evaluation(config, task, variables)
+    # scoring one against the other needs them to be the same classes, in the same
+    # slots or mapped to the data's by name (a converted COCO detector on COCO).
+    eval_task: Any = task
+    if task.name == "instance":
+        data_metadata = data_lib.dataset_metadata(config)
+        table = class_mapping(task.metadata, data_metadata)
+        if table is not None:
+            eval_task = RemappedTask(task, config, data_metadata, table)
+    if eval_task is task:
+        _check_same_classes(config, task)
+    metrics, images = run_evaluation(config, eval_task, variables)
     metrics["step"] = restored_step
     return metrics, images
 
