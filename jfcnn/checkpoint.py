@@ -100,6 +100,22 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(os.fspath(manager.directory), str(step))
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, leaving JAX's preemption sync point to the training loop.
+
+    During a save Orbax asks JAX's sync point whether this step is a preemption
+    step, passing the global step as JAX's step count; but the loop
+    (`jfcnn.train.PreemptionHandler`) counts the steps of the current run from
+    1 there, and a count moved by Orbax would put the agreed stop step of a
+    resumed run out of reach. Saves here are explicit (``force``), so the
+    answer would change nothing but Orbax's logs.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
 def create_manager(
     workdir: str, *, max_to_keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -114,7 +130,7 @@ def create_manager(
     )
     # The state is a plain pytree: the PyTree handler (the format the standard
     # handler writes) also restores a subtree of it, see `restore_subtree`.
-    return ocp.CheckpointManager(
+    return _Manager(
         checkpoint_dir(workdir),
         options=options,
         item_handlers={

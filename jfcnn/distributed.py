@@ -24,6 +24,8 @@ form a real multi-process run. A process that cannot reach the coordinator
 within ``--distributed_timeout`` seconds stops with an error naming it; once
 joined, a process whose peer dies stops too (its next collective fails, or
 the coordinator misses the peer's heartbeats for `HEARTBEAT_TIMEOUT_S`).
+Once joined, SIGTERM is JAX's: its preemption service passes a SIGTERM to any
+process on to all of them, so that they can stop after the same step.
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ def initialize(
         _wait_for_coordinator(coordinator_address, timeout_s)
     # CPU collectives across processes (a no-op for accelerators' own collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Its SIGTERM handler and sync point make every process stop at the same step
+    # (jfcnn.train.PreemptionHandler).
+    jax.config.update("jax_enable_preemption_service", True)
     try:
         jax.distributed.initialize(
             **kwargs,

@@ -37,7 +37,7 @@ from absl import logging
 from jfcnn import checkpoint as ckpt
 from jfcnn import data as data_lib
 from jfcnn import evaluate as evaluate_lib
-from jfcnn import tasks
+from jfcnn import finetune, tasks
 from jfcnn import train_state as state_lib
 from jfcnn import weights as weights_lib
 from jfcnn import workdir as workdir_lib
@@ -260,7 +260,7 @@ def get_parallelism(config: ml_collections.ConfigDict):
 
 
 class PreemptionHandler(contextlib.AbstractContextManager):
-    """Turns SIGTERM and SIGINT into a request to checkpoint and stop after this step.
+    """Turns SIGTERM and SIGINT into a request to checkpoint and stop after a step.
 
     SIGTERM is how a preempted cloud VM (or a scheduler) asks a job to stop; a
     run that answers it saves the current step and exits 0, to be resumed.
@@ -268,18 +268,55 @@ class PreemptionHandler(contextlib.AbstractContextManager):
     stopped it. Further SIGTERMs are ignored, so a second one cannot abort the
     save; a second Ctrl-C exits at once (Orbax writes each checkpoint into a
     temporary directory, so an abandoned save leaves none half-written).
+
+    In a multi-process run every process takes part in the checkpoint, so all
+    must stop after the same step: JAX's preemption sync point
+    (``multihost_utils.reached_preemption_sync_point``) agrees on it. There
+    JAX's runtime owns SIGTERM: a SIGTERM to any process (or to all, as a TPU
+    maintenance event sends) reaches every process through the coordinator,
+    and all stop after the first step that none had finished when it came. A
+    Ctrl-C is handed to JAX as a SIGTERM to this process, so it stops the
+    whole run the same way (and this process then exits non-zero).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.signal: int | None = None  # The first signal received.
+    def __init__(self, *, across_processes: bool | None = None):
+        if across_processes is None:
+            across_processes = jax.process_count() > 1
+        self.across_processes = across_processes
+        self.signal: int | None = None  # The first signal this process received.
         self.requested_at = math.nan  # time.monotonic() of that signal.
         self._previous: dict[int, Any] = {}
+        self._first_step: int | None = None
 
     @property
     def requested(self) -> bool:
+        """Whether this process received a signal (in a multi-process run, a Ctrl-C)."""
         return self.signal is not None
+
+    @property
+    def signal_name(self) -> str:
+        """The signal that stops the run: this process's, else the SIGTERM JAX received."""
+        return signal.Signals(self.signal or signal.SIGTERM).name
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint and stop after ``step``.
+
+        Called once after every step, with consecutive steps; in a multi-process
+        run every process gets the same answer for the same step.
+        """
+        if not self.across_processes:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        if self._first_step is None:
+            self._first_step = step
+        # JAX counts from 0 before the first call and stops one past the highest count
+        # any process reported: a notice that comes before the loop (all still at 0)
+        # then stops after this run's first step, which the global step (a resumed
+        # run starts past 1) never would.
+        return multihost_utils.reached_preemption_sync_point(step - self._first_step + 1)
 
     def _handle(self, signum, frame):
         del frame
@@ -288,6 +325,9 @@ class PreemptionHandler(contextlib.AbstractContextManager):
             logging.warning(
                 "Received %s: saving a checkpoint and stopping.", signal.Signals(signum).name
             )
+            if self.across_processes:
+                # JAX tells the other processes of a SIGTERM (its handler, not ours).
+                os.kill(os.getpid(), signal.SIGTERM)
         elif signum == signal.SIGINT:
             print("error: interrupted twice; exiting without a checkpoint.", file=sys.stderr)
             os._exit(130)
@@ -295,8 +335,10 @@ class PreemptionHandler(contextlib.AbstractContextManager):
             logging.warning("Received %s again; still saving.", signal.Signals(signum).name)
 
     def __enter__(self):
+        # In a multi-process run SIGTERM stays with JAX's preemption notifier.
+        signals = (signal.SIGINT,) if self.across_processes else self.SIGNALS
         try:
-            for signum in self.SIGNALS:
+            for signum in signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # Not the main thread: leave signals alone.
             self._previous = {}
@@ -418,10 +460,11 @@ def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
     except CheckpointMismatchError:
         # A step-0 checkpoint (converted pretrained weights) holds no optimizer
         # progress: fine-tuning it with another optimizer, or other frozen
-        # layers, starts that optimizer afresh on its variables.
+        # layers, starts that optimizer afresh on its variables; on a data set
+        # with other classes, its class rows are mapped (jfcnn.finetune).
         if ckpt.latest_step(manager) != 0:
             raise
-        variables, _ = state_lib.restore_variables(manager, task, 0)
+        variables = finetune.step0_variables(config, task, manager)
         state = state_lib.state_at_step_0(
             variables, tx, jax.random.split(jax.random.PRNGKey(config.seed))[1]
         )
@@ -662,16 +705,22 @@ def _train(
             save_now = done % config.checkpoint_every_steps == 0 or is_last
             if log_now or eval_now or save_now or preemption.requested:
                 flush_metrics(done)
-            # Read after the flush: it waits for the device, and a signal that
-            # arrives meanwhile must still get its checkpoint at this step.
-            stop = preemption.requested
+            # Asked after the flush: it waits for the device, and a signal that
+            # arrives meanwhile must still get its checkpoint at this step. Every
+            # process of a multi-process run gets the same answer.
+            stop = preemption.should_stop(done)
+            if stop:
+                flush_metrics(done)
             if save_now or stop:
                 ckpt.save(manager, done, parallelism.unreplicate(state))
             if stop:
-                name = signal.Signals(preemption.signal).name
+                name = preemption.signal_name
+                # Unknown (NaN) where JAX's runtime, not this process, took the SIGTERM.
                 seconds = time.monotonic() - preemption.requested_at
                 logging.warning(
-                    "Stopped at step %d, %.1f s after %s; rerun to resume.", done, seconds, name
+                    "Stopped at step %d, %s; rerun to resume.",
+                    done,
+                    f"{seconds:.1f} s after {name}" if math.isfinite(seconds) else f"on {name}",
                 )
                 writer.record(
                     {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +21,10 @@ import jax
 import numpy as np
 import pytest
 
-from jfcnn import distributed, evaluate
+from jfcnn import checkpoint as ckpt
+from jfcnn import distributed, evaluate, train
 from jfcnn.errors import ConfigError
+from jfcnn.train import TRAIN_LOG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,9 +49,8 @@ def process_flags(port: int, process_id: int, num_processes: int = 2) -> list[st
     ]
 
 
-def run_processes(commands: list[list[str]], *, devices: int, timeout: float = 900):
-    """Starts ``commands`` together; waits for all; returns their (returncode, stderr)."""
-    procs = [
+def start_processes(commands: list[list[str]], *, devices: int) -> list[subprocess.Popen]:
+    return [
         subprocess.Popen(
             command,
             cwd=ROOT,
@@ -58,8 +61,20 @@ def run_processes(commands: list[list[str]], *, devices: int, timeout: float = 9
         )
         for command in commands
     ]
+
+
+def run_processes(
+    commands: list[list[str]], *, devices: int, timeout: float = 900, signal_when=None
+):
+    """Starts ``commands`` together; waits for all; returns their (returncode, stderr).
+
+    ``signal_when(procs)``, if given, is called once they are started (to signal them).
+    """
+    procs = start_processes(commands, devices=devices)
     results = []
     try:
+        if signal_when is not None:
+            signal_when(procs)
         for proc in procs:
             _, stderr = proc.communicate(timeout=timeout)
             results.append((proc.returncode, stderr))
@@ -116,43 +131,124 @@ def test_runs_alone_unless_asked_or_in_a_cluster(monkeypatch):
 # ---------------------------------------------------------------------------
 # Real processes
 
-# Plain SGD and group norm, as in test_parallel: parameters then differ only by the
-# order of cross-device sums.
+# Plain SGD at a constant rate and group norm, as in test_parallel: parameters then
+# differ only by the order of cross-device sums.
 EQUIVALENCE = {
     "num_train_steps": 6,
-    "checkpoint_every_steps": 6,
+    "checkpoint_every_steps": 3,
     "eval_every_steps": 6,
     "optimizer": "sgd",
     "learning_rate": 0.1,
+    "lr_schedule": "constant",
     "model.norm": "group",
 }
+CLOSE = {"rtol": 2e-4, "atol": 2e-5}
+
+
+def copy_run(source, destination, step: int):
+    """A copy of the work directory ``source`` as it was after its step-``step`` checkpoint."""
+    shutil.copytree(source, destination)
+    os.remove(destination / TRAIN_LOG)
+    for name in os.listdir(destination / "checkpoints"):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(destination / "checkpoints" / name)
+    return destination
+
+
+def signal_once_training(workdir, sig, *, targets: tuple[int, ...]):
+    """``signal_when`` for `run_processes`: ``sig`` to ``targets`` once process 0 has
+    restored the state (the train log's first record), before the first step."""
+
+    def send(procs):
+        deadline = time.monotonic() + 600
+        while not os.path.exists(workdir / TRAIN_LOG) or not os.path.getsize(workdir / TRAIN_LOG):
+            assert all(p.poll() is None for p in procs), "a process ended before training"
+            assert time.monotonic() < deadline, "no training within 600 s"
+            time.sleep(0.02)
+        for i in targets:
+            procs[i].send_signal(sig)
+
+    return send
+
+
+def stopped_at(stderr: str) -> int:
+    steps = re.findall(r"Stopped at step (\d+)", stderr)
+    assert len(steps) == 1, stderr[-5000:]
+    return int(steps[0])
+
+
+def last_eval(workdir) -> dict:
+    with open(workdir / TRAIN_LOG) as f:
+        return [r for r in map(json.loads, f) if "eval" in r][-1]
+
+
+def train_in_this_process(workdir, data_dir: str):
+    """``train_and_evaluate`` here, on this process's one device, with the run's saved config."""
+    config = ckpt.load_config(str(workdir))
+    assert config.data.data_dir == data_dir
+    train.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_evaluate_as_one(runner, tmp_path):
-    # 2 processes x 2 devices against 1 process x 4: the same global batches, the
-    # same parameters, and an evaluation over the whole split by either.
-    two, one = tmp_path / "two_processes", tmp_path / "one_process"
-    port = free_port()
-    results = run_processes(
-        [runner.command(two, **EQUIVALENCE) + process_flags(port, i) for i in range(2)],
-        devices=2,
-    )
+def test_processes_train_evaluate_stop_and_resume_as_one(runner, shapes_data_dir, tmp_path):
+    # 1 process x 4 devices writes the checkpoint at step 3; from it, 2 processes x
+    # 2 devices train on (a checkpoint of 1 process restores in 2): the same global
+    # batches, the same parameters, and an evaluation over the whole split by either.
+    one = tmp_path / "one_process"
+    runner.run(one, env=devices_env(4), **EQUIVALENCE)
+    two = copy_run(one, tmp_path / "two_processes", 3)
+
+    def commands(workdir):
+        port = free_port()
+        return [runner.command(workdir, **EQUIVALENCE) + process_flags(port, i) for i in range(2)]
+
+    results = run_processes(commands(two), devices=2)
     for i, (code, stderr) in enumerate(results):
         assert code == 0, f"process {i} failed:\n{stderr[-5000:]}"
     # Process 0 logs progress and evaluations; process 1 only what goes wrong.
     assert "step 6/6" in results[0][1] and "eval step 6" in results[0][1]
     assert "step 6/6" not in results[1][1] and "eval step" not in results[1][1]
-    runner.run(one, env=devices_env(4), **EQUIVALENCE)
 
-    assert jax.device_count() == 1  # Both restore here, on one device.
+    # A SIGTERM to one process (here before the first step, the latest moment a
+    # test can aim at) stops both after the same step, each taking part in one
+    # checkpoint, and both exit 0.
+    stopped = copy_run(one, tmp_path / "stopped", 3)
+    results = run_processes(
+        commands(stopped),
+        devices=2,
+        signal_when=signal_once_training(stopped, signal.SIGTERM, targets=(1,)),
+    )
+    for i, (code, stderr) in enumerate(results):
+        assert code == 0, f"process {i} failed after SIGTERM:\n{stderr[-5000:]}"
+    step = stopped_at(results[0][1])
+    assert stopped_at(results[1][1]) == step and 3 < step < 6
+    with open(stopped / TRAIN_LOG) as f:
+        stop = [json.loads(line) for line in f][-1]
+    assert stop["event"] == "preempted" and stop["signal"] == "SIGTERM" and stop["step"] == step
+    assert sorted(int(n) for n in os.listdir(stopped / "checkpoints")) == [3, step]
+
+    # The checkpoint of 2 processes resumes training in 1 (this test's one device).
+    alone = copy_run(stopped, tmp_path / "alone", step)
+    train_in_this_process(alone, shapes_data_dir)
+
+    # The same commands again resume where both stopped, as if never stopped.
+    results = run_processes(commands(stopped), devices=2)
+    for i, (code, stderr) in enumerate(results):
+        assert code == 0, f"resumed process {i} failed:\n{stderr[-5000:]}"
+    assert f"Resuming from the checkpoint at step {step}" in results[0][1]
+
+    assert jax.device_count() == 1  # All restore here, on one device.
     params = {}
-    for name, workdir in (("two", two), ("one", one)):
-        _, _, variables, step = evaluate.load_trained(str(workdir))
-        assert step == 6
-        params[name] = jax.tree.leaves(jax.device_get(variables["params"]))
-    for ours, ref in zip(params["two"], params["one"], strict=True):
-        np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-5)
+    for workdir in (one, two, stopped, alone):
+        _, _, variables, restored = evaluate.load_trained(str(workdir))
+        assert restored == 6
+        params[workdir.name] = jax.tree.leaves(jax.device_get(variables["params"]))
+    for name in ("one_process", "alone"):
+        for ours, ref in zip(params[name], params["two_processes"], strict=True):
+            np.testing.assert_allclose(ours, ref, **CLOSE, err_msg=name)
+    for ours, ref in zip(params["stopped"], params["two_processes"], strict=True):
+        np.testing.assert_array_equal(ours, ref)
+    assert last_eval(stopped) == last_eval(two)
 
     # Evaluating the 2-process checkpoint with 2 processes scores every example once:
     # the metrics of a 1-process evaluation of the same checkpoint.
@@ -163,10 +259,10 @@ def test_two_processes_train_and_evaluate_as_one(runner, tmp_path):
         assert code == 0, f"evaluation process {i} failed:\n{stderr[-5000:]}"
     with open(two / "eval" / "metrics.json") as f:
         together = json.load(f)
-    alone = evaluate.evaluate_run(str(two))[0]
-    assert together["num_examples"] == alone["num_examples"] == 24
+    alone_metrics = evaluate.evaluate_run(str(two))[0]
+    assert together["num_examples"] == alone_metrics["num_examples"] == 24
     for key in ("mean_iou", "pixel_accuracy", "mean_dice"):
-        assert together[key] == pytest.approx(alone[key], abs=1e-6), key
+        assert together[key] == pytest.approx(alone_metrics[key], abs=1e-6), key
 
 
 @pytest.mark.slow
