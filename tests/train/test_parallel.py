@@ -1,4 +1,4 @@
-"""jit and pmap on 8 faked CPU devices train to the same result as one device."""
+"""jit and pmap on 4 faked CPU devices train to the same result as one device."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from jfcnn.train_state import create_train_state
 pytestmark = pytest.mark.slow
 
 
-def test_jit_and_pmap_on_eight_devices_match_one_device(runner, tmp_path):
+def test_jit_and_pmap_on_four_devices_match_one_device(runner, tmp_path):
     # Plain SGD keeps parameter differences proportional to gradient differences
     # (Adam's normalized step turns float noise in near-zero gradients into
     # lr-sized changes), so the comparison sees only summation order.
@@ -34,15 +34,15 @@ def test_jit_and_pmap_on_eight_devices_match_one_device(runner, tmp_path):
     }
     runs = {
         "one_device": dict(env=None, parallelism="jit"),
-        "jit8": dict(env=runner.eight_devices, parallelism="jit"),
-        "pmap8": dict(env=runner.eight_devices, parallelism="pmap"),
+        "jit4": dict(env=runner.many_devices, parallelism="jit"),
+        "pmap4": dict(env=runner.many_devices, parallelism="pmap"),
     }
     for name, options in runs.items():
         runner.run(tmp_path / name, **options, **steps)
         with open(tmp_path / name / TRAIN_LOG) as f:
             start = json.loads(f.readline())
         assert start["event"] == "start" and start["parallelism"] == options["parallelism"]
-        assert start["devices"] == (1 if options["env"] is None else 8)
+        assert start["devices"] == (1 if options["env"] is None else runner.faked_devices)
 
     # Every checkpoint restores here, on this process's single device.
     assert jax.device_count() == 1
@@ -53,7 +53,7 @@ def test_jit_and_pmap_on_eight_devices_match_one_device(runner, tmp_path):
         params[name] = jax.device_get(variables["params"])
 
     reference = jax.tree.leaves(params["one_device"])
-    for name in ("jit8", "pmap8"):
+    for name in ("jit4", "pmap4"):
         for ours, ref in zip(jax.tree.leaves(params[name]), reference, strict=True):
             # Only the order of the cross-device sums differs.
             np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-5)
