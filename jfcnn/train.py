@@ -235,10 +235,25 @@ class PmapParallelism:
         return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
 
     def put_state(self, state: TrainState) -> TrainState:
+        if jax.process_count() > 1:
+            # A restored state spans every process's devices; pmap takes this
+            # process's copy of it (its step pmeans across processes).
+            state = jax.tree.map(
+                lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state
+            )
         return flax.jax_utils.replicate(state)
 
     def unreplicate(self, state: TrainState) -> TrainState:
-        return flax.jax_utils.unreplicate(state)
+        state = flax.jax_utils.unreplicate(state)
+        if jax.process_count() > 1:
+            # Each process's copy is host-local, which Orbax cannot save and
+            # evaluation cannot spread over all devices: the same values as one
+            # array replicated over every process's devices, as under jit.
+            sharding = state_lib.replicated()
+            state = jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), state
+            )
+        return state
 
     def host_metrics(self, metrics: dict) -> dict:
         return jax.tree.map(lambda x: x[0], jax.device_get(metrics))
