@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jfcnn import checkpoint as ckpt
-from jfcnn import tasks
+from jfcnn import finetune, tasks
 from jfcnn import train as train_lib
 from jfcnn import train_state as state_lib
 from jfcnn import weights as weights_lib
@@ -240,6 +240,8 @@ def convert_maskrcnn(
     )
     ckpt.save_config(workdir, config)
     ckpt.save_metadata(workdir, metadata.to_dict())
+    # Fine-tuning on other classes maps the class rows from these (jfcnn.finetune).
+    finetune.save_pretrained_metadata(workdir, metadata, os.path.abspath(weights_path))
     manager = ckpt.create_manager(workdir)
     try:
         ckpt.save(manager, 0, state)

@@ -11,7 +11,10 @@ grayscale, RGBA, 16-bit) are decoded as training decoded them
 orientation, as a viewer shows them) and fitted to the model's S x S input
 exactly as evaluation fits them (`jfcnn.data.pipeline.fit_image`); the
 predictions are mapped back to the image's own resolution (after the EXIF
-turn). What ``OUT`` receives:
+turn). A converted torchvision detector (``python -m jfcnn.convert``) fits
+images as torchvision does instead (``config.data.resize = "torchvision"``:
+shorter side ``min_size``, longer at most ``max_size``) and pastes masks as
+torchvision does, so its predictions are torchvision's. What ``OUT`` receives:
 
 - Semantic segmentation: ``OUT/<stem>.png``, a palette PNG ("P" mode, the
   `jfcnn.visualize.palette` colors) of the image's size whose pixel values

@@ -37,7 +37,7 @@ from absl import logging
 from jfcnn import checkpoint as ckpt
 from jfcnn import data as data_lib
 from jfcnn import evaluate as evaluate_lib
-from jfcnn import tasks
+from jfcnn import finetune, tasks
 from jfcnn import train_state as state_lib
 from jfcnn import weights as weights_lib
 from jfcnn import workdir as workdir_lib
@@ -475,10 +475,11 @@ def _restore_or_init(config, task, tx, parallelism, manager) -> TrainState:
     except CheckpointMismatchError:
         # A step-0 checkpoint (converted pretrained weights) holds no optimizer
         # progress: fine-tuning it with another optimizer, or other frozen
-        # layers, starts that optimizer afresh on its variables.
+        # layers, starts that optimizer afresh on its variables; on a data set
+        # with other classes, its class rows are mapped (jfcnn.finetune).
         if ckpt.latest_step(manager) != 0:
             raise
-        variables, _ = state_lib.restore_variables(manager, task, 0)
+        variables = finetune.step0_variables(config, task, manager)
         state = state_lib.state_at_step_0(
             variables, tx, jax.random.split(jax.random.PRNGKey(config.seed))[1]
         )

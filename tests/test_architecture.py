@@ -53,6 +53,8 @@ TOP = {
     "jfcnn.predict": {"jfcnn.train"},
     "jfcnn.train": set(),
     "jfcnn.convert": set(),
+    # Step-0 checkpoints fine-tuned on other classes: for train and convert, below them.
+    "jfcnn.finetune": {"jfcnn.train", "jfcnn.evaluate", "jfcnn.predict", "jfcnn.convert"},
 }
 # Third-party modules a part must not pull in, even transitively.
 FORBIDDEN_LIBRARIES = {

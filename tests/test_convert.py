@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfcnn import convert, evaluate, weights
+from jfcnn import convert, evaluate, finetune, weights
 from jfcnn.models.maskrcnn import MaskRCNN
 
 torch = pytest.importorskip("torch")
@@ -72,8 +72,12 @@ def test_convert_cli_writes_a_workdir_that_load_trained_uses(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{names} key names" in result.stdout
 
-    _, task, restored, step = evaluate.load_trained(str(workdir))
+    config, task, restored, step = evaluate.load_trained(str(workdir))
     assert step == 0
+    # torchvision's resize (800 / 1333) on a canvas of 1344, the classes kept for fine-tuning.
+    assert config.data.resize == "torchvision" and config.data.image_size == 1344
+    assert (config.data.min_size, config.data.max_size) == (800, 1333)
+    assert finetune.load_pretrained_metadata(str(workdir)).class_names[1] == "person"
     # v1 weights get the frozen batch norm epsilon torchvision gives them, 0.
     assert task.model.norm_epsilon == (0.0 if names == "v1" else 1e-5)
     assert not task.model.roi_align_aligned and task.model.frozen_batch_norm
