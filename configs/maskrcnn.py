@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.mask_head_channels = 32
     config.model.mask_head_convs = 4
     config.model.roi_align = "gather"  # or "dense": same values as matrix products.
+    # "align": ROI Align (Mask R-CNN); "pool": Fast R-CNN's ROI pooling (quantized bins, max).
+    config.model.roi_pooler = "align"
     config.model.detections_per_image = 50
     config.model.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU.
 
