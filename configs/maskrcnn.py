@@ -9,12 +9,9 @@ A small ResNet-18-style backbone (one block per stage, 16 channels) with a
 3-level FPN, and fewer proposals and sampled ROIs than the COCO setting.
 Measured on a quiet 2-core CPU: 1600 steps and four evaluations in 7.8
 minutes (building the data set included), mask AP 0.879 (box AP 0.802) on
-the validation split. Any field can be overridden. The ResNet-C4 ROI heads
-(res5 on 14x14 ROIs of res4, 14x14 masks) instead of the FPN ones need a
-single RPN level, res4, holding all the anchor sizes:
-
-    python train.py --config configs/maskrcnn.py --workdir runs/maskrcnn_c4 \
-        --config.model.roi_heads=c4 --config.model.anchor_sizes='((16, 32, 64, 128),)'
+the validation split. Any field can be overridden. configs/maskrcnn_c4.py
+is the same model with the ResNet-C4 ROI heads (res5 on 14x14 ROIs of res4,
+14x14 masks) instead of the FPN ones.
 """
 
 import ml_collections

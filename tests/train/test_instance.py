@@ -195,8 +195,13 @@ def test_evaluate_cli_writes_coco_ap_and_pictures(maskrcnn, fpn_run):
     assert pictures == ["example_00.png"]  # num_eval_images = 1
 
 
-def test_c4_trains_end_to_end(maskrcnn, tmp_path):
-    maskrcnn.run(tmp_path, checkpoint_every_steps=4, **C4)
+def test_c4_trains_end_to_end(runner, tmp_path):
+    # configs/maskrcnn_c4.py itself, shrunk as the FPN runs are (its anchors scaled
+    # down to the 64-pixel images).
+    maskrcnn_c4 = runner.with_config("maskrcnn_c4.py", TINY_MASKRCNN)
+    maskrcnn_c4.run(
+        tmp_path, checkpoint_every_steps=4, **{"model.anchor_sizes": C4["model.anchor_sizes"]}
+    )
     losses = _logged_losses(tmp_path)
     assert sorted(losses) == [2, 4] and all(np.isfinite(list(losses.values())))
     evals = [r for r in _train_log(tmp_path) if "eval" in r]
