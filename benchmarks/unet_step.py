@@ -48,6 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="float32",
         help="jfcnn compute dtype (PyTorch always runs float32).",
     )
+    parser.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=1,
+        help=(
+            "Split the host CPU into this many JAX devices (jax_num_cpu_devices) and shard the "
+            "batch over them with jit, as parallelism='jit' training does."
+        ),
+    )
     parser.add_argument("--steps", type=int, default=5, help="Training steps per timed repeat.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per framework.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per framework.")
@@ -275,6 +284,8 @@ def time_input_pipeline(args) -> tuple[float | None, str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import torch
 
     default_threads = torch.get_num_threads()
@@ -296,11 +307,19 @@ def main(argv=None) -> None:
         dtype=jnp.dtype(args.dtype),
     )
     images, labels = jnp.asarray(images_np), jnp.asarray(labels_np)
+    if args.cpu_devices > 1:
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        images, labels = jax.device_put((images, labels), NamedSharding(mesh, P("data")))
     t0 = time.perf_counter()
     variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), images)
     params = variables["params"]
     tx = optax.adam(1e-3)
     state = (params, variables.get("batch_stats", {}), tx.init(params))
+    if args.cpu_devices > 1:
+        state = jax.device_put(state, NamedSharding(mesh, P()))
     train_step = make_jax_step(model, tx)
     compiled = train_step.lower(state, images, labels).compile()
     compile_s = time.perf_counter() - t0
@@ -363,7 +382,9 @@ def main(argv=None) -> None:
         f"{args.channels}, {args.num_classes} classes, depth {args.depth}, base width "
         f"{args.base_width}, norm {args.norm}, jfcnn dtype {args.dtype}; {args.repeats} "
         f"interleaved repeats x {args.steps} steps; jax {jax.__version__} on "
-        f"{jax.devices()[0].platform} ({os.cpu_count()} cores), torch {torch.__version__}"
+        f"{len(jax.devices())} {jax.devices()[0].platform} device(s) ({os.cpu_count()} cores"
+        f"{', XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''}), "
+        f"torch {torch.__version__}"
         f"{' channels_last' if args.torch_channels_last else ''}; ratios are to the fastest "
         f"PyTorch row."
     )
