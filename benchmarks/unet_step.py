@@ -6,8 +6,7 @@ same weights) with Adam and softmax cross-entropy on the same random batch, on
 the same CPU threads. Repeats alternate between the two frameworks and the
 medians are compared, so load from other processes hits both alike. Defaults
 follow `configs/unet.py` (64x64 images, batch 16, depth 3, base width 16,
-4 classes, GroupNorm). jfcnn runs as train.py does on a CPU host: one JAX
-device per core, the batch sharded over them (`--cpu_devices=1` for one device).
+4 classes, GroupNorm).
 
     python benchmarks/unet_step.py
     python benchmarks/unet_step.py --batch_size=8 --image_size=128 --repeats=7
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfcnn.distributed import split_cpu_into_devices
 from jfcnn.models.layers import group_norm_groups
 from jfcnn.models.unet import UNet
 
@@ -53,12 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--cpu_devices",
         type=int,
-        default=0,
+        default=1,
         help=(
             "Split the host CPU into this many JAX devices (jax_num_cpu_devices) and shard the "
-            "batch over them with jit, as parallelism='jit' training does. 0 (default): as "
-            "train.py does, one per core that divides the batch "
-            "(jfcnn.distributed.split_cpu_into_devices)."
+            "batch over them with jit, as parallelism='jit' training does."
         ),
     )
     parser.add_argument("--steps", type=int, default=5, help="Training steps per timed repeat.")
@@ -288,9 +284,7 @@ def time_input_pipeline(args) -> tuple[float | None, str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.cpu_devices == 0:
-        split_cpu_into_devices(args.batch_size)
-    elif args.cpu_devices > 1:
+    if args.cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import torch
 
@@ -313,7 +307,7 @@ def main(argv=None) -> None:
         dtype=jnp.dtype(args.dtype),
     )
     images, labels = jnp.asarray(images_np), jnp.asarray(labels_np)
-    if jax.device_count() > 1:
+    if args.cpu_devices > 1:
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
@@ -324,7 +318,7 @@ def main(argv=None) -> None:
     params = variables["params"]
     tx = optax.adam(1e-3)
     state = (params, variables.get("batch_stats", {}), tx.init(params))
-    if jax.device_count() > 1:
+    if args.cpu_devices > 1:
         state = jax.device_put(state, NamedSharding(mesh, P()))
     train_step = make_jax_step(model, tx)
     compiled = train_step.lower(state, images, labels).compile()
