@@ -10,6 +10,7 @@ follow `configs/unet.py` (64x64 images, batch 16, depth 3, base width 16,
 
     python benchmarks/unet_step.py
     python benchmarks/unet_step.py --batch_size=8 --image_size=128 --repeats=7
+    python benchmarks/unet_step.py --cpu_devices=2  # the batch sharded over 2 CPU devices
 
 Also reports jfcnn's achieved FLOP/s (XLA's cost analysis of the compiled step
 over its median time) and, when `jfcnn.data` provides `create_train_iterator`,
@@ -308,18 +309,16 @@ def main(argv=None) -> None:
     )
     images, labels = jnp.asarray(images_np), jnp.asarray(labels_np)
     if args.cpu_devices > 1:
-        from jax.sharding import Mesh, NamedSharding
-        from jax.sharding import PartitionSpec as P
+        from jfcnn.train_state import batch_sharded, replicated
 
-        mesh = Mesh(np.asarray(jax.devices()), ("data",))
-        images, labels = jax.device_put((images, labels), NamedSharding(mesh, P("data")))
+        images, labels = jax.device_put((images, labels), batch_sharded())
     t0 = time.perf_counter()
     variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), images)
     params = variables["params"]
     tx = optax.adam(1e-3)
     state = (params, variables.get("batch_stats", {}), tx.init(params))
     if args.cpu_devices > 1:
-        state = jax.device_put(state, NamedSharding(mesh, P()))
+        state = jax.device_put(state, replicated())
     train_step = make_jax_step(model, tx)
     compiled = train_step.lower(state, images, labels).compile()
     compile_s = time.perf_counter() - t0
