@@ -361,6 +361,10 @@ class PreemptionHandler(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
+            if signum == signal.SIGTERM == self.signal and previous == signal.SIG_DFL:
+                # The run is saved and on its way out: a repeated notice (a scheduler
+                # often sends several) must not turn its exit 0 into a kill.
+                previous = signal.SIG_IGN
             signal.signal(signum, previous)
         return False
 

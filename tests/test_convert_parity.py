@@ -116,16 +116,41 @@ def test_features_proposals_and_detections_equal_torchvision(torch_model, conver
     out = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
     n = int(out["detection_valid"][0].sum())
     assert n == len(detections["scores"]) > 10, (n, len(detections["scores"]))
-    np.testing.assert_allclose(
-        out["scores"][0, :n], detections["scores"].numpy(), rtol=1e-4, atol=1e-4
+    # Detections in score order; two whose scores tie to float precision may trade
+    # places (as the proposals above), so each of torchvision's is paired with the
+    # nearest of jfcnn's in that order, of the same class, score and box.
+    got_scores, got_classes = np.asarray(out["scores"][0, :n]), np.asarray(out["classes"][0, :n])
+    got_boxes = np.asarray(out["boxes"][0, :n])
+    want_scores = detections["scores"].numpy()
+    want_classes, want_boxes = detections["labels"].numpy(), detections["boxes"].numpy()
+    same = (
+        (np.abs(want_scores[:, None] - got_scores[None, :]) <= 1e-4 + 1e-4 * want_scores[:, None])
+        & (want_classes[:, None] == got_classes[None, :])
+        & (np.abs(want_boxes[:, None, :] - got_boxes[None, :, :]).max(-1) <= tolerance)
     )
-    np.testing.assert_array_equal(out["classes"][0, :n], detections["labels"].numpy())
-    np.testing.assert_allclose(out["boxes"][0, :n], detections["boxes"].numpy(), atol=tolerance)
+    pairs = _one_to_one(same)
+    assert sorted(pairs) == list(range(n)), f"no jfcnn detection for {np.flatnonzero(pairs < 0)}"
+    assert (pairs != np.arange(n)).sum() <= 4, pairs  # Only neighbours trade places.
     # Mask probabilities pool on the detected boxes, whose float differences
     # (well under a pixel) the steep random mask head amplifies here and there.
-    got_masks, want_masks = np.asarray(out["mask_probs"][0, :n]), detections["masks"][:, 0].numpy()
+    got_masks = np.asarray(out["mask_probs"][0, :n])[pairs]
+    want_masks = detections["masks"][:, 0].numpy()
     assert np.abs(got_masks - want_masks).mean() < 2e-3
     assert ((got_masks >= 0.5) == (want_masks >= 0.5)).mean() > 0.995
+
+
+def _one_to_one(same: np.ndarray) -> np.ndarray:
+    """For each row of a boolean ``(N, N)`` match table, a distinct matching column
+    (-1 where none is left): the diagonal where it matches, else the nearest free one."""
+    pairs = np.full(len(same), -1)
+    free = np.ones(same.shape[1], bool)
+    order = sorted(range(len(same)), key=lambda i: not same[i, i])  # The diagonal first.
+    for i in order:
+        columns = np.flatnonzero(same[i] & free)
+        if len(columns):
+            pairs[i] = columns[np.argmin(np.abs(columns - i))]
+            free[pairs[i]] = False
+    return pairs
 
 
 def _box_iou(a, b):

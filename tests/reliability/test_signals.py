@@ -92,3 +92,29 @@ def test_second_ctrl_c_exits_at_once(runner, tmp_path):
     # Whatever the second Ctrl-C cut short, no half-written checkpoint is listed.
     for step in _checkpoint_steps(tmp_path):
         assert os.path.exists(os.path.join(tmp_path, "checkpoints", str(step), "state"))
+
+
+def test_a_sigterm_after_the_stop_cannot_kill_the_exiting_run():
+    """Once a SIGTERM stopped the run, later ones are ignored until the process ends
+    (a repeated notice used to kill it during interpreter shutdown: exit -15, not 0)."""
+    from jfcnn.train import PreemptionHandler
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with PreemptionHandler(across_processes=False) as preemption:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert preemption.should_stop(1) and preemption.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # Would end pytest with the default action.
+
+        # Without a SIGTERM, the caller's handlers come back unchanged.
+        with PreemptionHandler(across_processes=False):
+            pass
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with PreemptionHandler(across_processes=False) as preemption:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.signal_name == "SIGINT"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
