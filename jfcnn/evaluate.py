@@ -44,8 +44,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jfcnn import checkpoint as ckpt
+from jfcnn import config_validation, distributed, tasks, visualize
 from jfcnn import data as data_lib
-from jfcnn import distributed, tasks, visualize
 from jfcnn import train_state as state_lib
 from jfcnn.errors import ConfigError, WorkdirMetadataError
 from jfcnn.tasks.base import Task
@@ -184,8 +184,10 @@ def with_data_overrides(
     Args:
       split: the split to score (``config.data.eval_split``).
       data_dir: the TFDS data dir (``config.data.data_dir``).
-      overrides: ``"KEY=VALUE"`` strings for other ``config.data`` keys; the
-        value is parsed as a Python literal when it is one, else kept as a string.
+      overrides: ``"KEY=VALUE"`` strings for other ``config.data`` keys (a key
+        the config lacks is added if it is a data key of any data set, e.g.
+        ``eval_annotations`` for ``name=coco_json``); the value is parsed as a
+        Python literal when it is one, else kept as a string.
     """
     config = config.copy_and_resolve_references()
     values: dict[str, Any] = {}
@@ -196,7 +198,9 @@ def with_data_overrides(
             raise ConfigError(
                 f"--data takes KEY=VALUE (e.g. --data folder=/data/cells), got {item!r}"
             )
-        if key not in config.data:
+        # A key of another data set (e.g. coco_json's annotation files when a run of
+        # COCO is scored on a COCO JSON file) is new to the run's config but no typo.
+        if key not in config.data and key not in config_validation.DATA:
             raise ConfigError(
                 f"--data {item!r}: config.data has no key {key!r}; its keys are "
                 f"{sorted(config.data.keys())}."

@@ -258,8 +258,9 @@ def draw_instances(
     for n in slots:
         color = tuple(int(c) for c in instance_color(n))
         x1, y1, x2, y2 = (float(v) * scale for v in boxes[n])
-        # Pixel-edge box: the outline covers the boundary pixels inside it.
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=color, width=line_width)
+        # Pixel-edge box: the outline covers the boundary pixels inside it (a box
+        # under a pixel wide or high, which a detector may give, draws one pixel).
+        draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=color, width=line_width)
     for n in slots:
         color = tuple(int(c) for c in instance_color(n))
         class_id = int(classes[n])

@@ -11,24 +11,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from tiny_configs import instance_metadata as _metadata
 
 from jfcnn import convert, evaluate
 from jfcnn.data import coco
-from jfcnn.data.registry import DatasetMetadata
-
-
-def _metadata(names, ids=()) -> DatasetMetadata:
-    return DatasetMetadata(
-        name="data",
-        num_classes=len(names),
-        class_names=tuple(names),
-        image_size=64,
-        num_train_examples=1,
-        num_eval_examples=1,
-        has_instances=True,
-        category_ids=tuple(ids),
-    )
-
 
 COCO_DATA = _metadata(coco.CLASS_NAMES, (0, *coco.THING_CATEGORY_IDS))
 
@@ -110,3 +96,17 @@ def test_refusal_of_different_classes_says_what_maps():
         )
         with pytest.raises(evaluate.ConfigError, match="mapped to the data's classes by name"):
             evaluate._check_same_classes(config, Task())
+
+
+def test_data_overrides_point_a_converted_run_at_a_coco_json_file():
+    """A converted run's config has COCO's data keys; ``--data`` adds coco_json's."""
+    config = convert.maskrcnn_config(0.0)
+    assert "eval_annotations" not in config.data
+    changed = evaluate.with_data_overrides(
+        config, overrides=["name=coco_json", "eval_annotations=/data/val.json"]
+    )
+    assert changed.data.name == "coco_json" and changed.data.eval_annotations == "/data/val.json"
+    assert "eval_annotations" not in config.data  # For this evaluation only.
+    # A key of no data set is still a typo.
+    with pytest.raises(evaluate.ConfigError, match="config.data has no key 'eval_annotation'"):
+        evaluate.with_data_overrides(config, overrides=["eval_annotation=/data/val.json"])

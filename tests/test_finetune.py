@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 import tiny_configs
+from tiny_configs import instance_metadata as _metadata
 
 from jfcnn import checkpoint as ckpt
 from jfcnn import evaluate, finetune, tasks
 from jfcnn import train as train_lib
 from jfcnn import train_state as state_lib
-from jfcnn.data.registry import DatasetMetadata
 from jfcnn.errors import CheckpointMismatchError
 
 PRETRAINED = ("background", "N/A", "Square", "person", "circle")
@@ -43,18 +43,6 @@ TINY = {
     "checkpoint_every_steps": 1,
     "num_eval_images": 0,
 }
-
-
-def _metadata(names) -> DatasetMetadata:
-    return DatasetMetadata(
-        name="pretrained",
-        num_classes=len(names),
-        class_names=tuple(names),
-        image_size=64,
-        num_train_examples=0,
-        num_eval_examples=0,
-        has_instances=True,
-    )
 
 
 def _config(**changes):
@@ -96,24 +84,36 @@ def _leaves(variables):
     }
 
 
-def _check_mapped(mapped, pretrained, fresh):
-    new, old, init = _leaves(mapped), _leaves(pretrained), _leaves(fresh)
-    assert new.keys() == old.keys() == init.keys()
+def _check_mapped(mapped, pretrained, fresh, rows=ROWS):
+    """``mapped`` is ``pretrained`` with class ``k``'s rows from pretrained row ``rows[k]``
+    and ``fresh``'s rows where that is -1 (with ``fresh`` None: no pretrained row)."""
+    new, old = _leaves(mapped), _leaves(pretrained)
+    init = _leaves(fresh) if fresh is not None else None
+    assert new.keys() == old.keys()
+    assert init is None or init.keys() == new.keys()
     per_class = {path for path in new if new[path].shape != old[path].shape}
     # The box classifier, the box regressor and the mask predictor (kernel and bias each).
     assert len(per_class) == 6, sorted(per_class)
+    num_classes = len(rows)
     for path in per_class:
         value, source = new[path], old[path]
-        width = value.shape[-1] // 4  # 1 entry per class, or 4 (box deltas).
-        assert source.shape[-1] == 5 * width
-        value = value.reshape(*value.shape[:-1], 4, width)
-        source = source.reshape(*source.shape[:-1], 5, width)
-        start = init[path].reshape(value.shape)
-        for k, row in enumerate(ROWS):
-            want = source[..., row, :] if row >= 0 else start[..., k, :]
-            np.testing.assert_array_equal(value[..., k, :], want, err_msg=f"{path} class {k}")
-        if start.any():  # (Biases start at zero in both.) A fresh row is no pretrained row.
-            assert not np.array_equal(value[..., 3, :], source[..., 3, :])
+        width = value.shape[-1] // num_classes  # 1 entry per class, or 4 (box deltas).
+        num_pretrained = source.shape[-1] // width
+        value = value.reshape(*value.shape[:-1], num_classes, width)
+        source = source.reshape(*source.shape[:-1], num_pretrained, width)
+        for k, row in enumerate(rows):
+            if row >= 0:
+                want = source[..., row, :]
+                np.testing.assert_array_equal(value[..., k, :], want, err_msg=f"{path} class {k}")
+            elif init is not None:
+                start = init[path].reshape(value.shape)[..., k, :]
+                np.testing.assert_array_equal(value[..., k, :], start, err_msg=f"{path} {k}")
+            if row < 0 and value[..., k, :].any():  # (Biases start at zero.)
+                # A fresh row is no pretrained row.
+                assert not any(
+                    np.array_equal(value[..., k, :], source[..., j, :])
+                    for j in range(num_pretrained)
+                ), (path, k)
     # Everything else is the pretrained weights.
     for path in new.keys() - per_class:
         np.testing.assert_array_equal(new[path], old[path], err_msg=path)
@@ -162,3 +162,103 @@ def test_train_py_fine_tunes_a_step0_workdir_on_other_classes(runner, tmp_path):
     assert step == 1 and task.metadata.class_names == SHAPES
     fresh = _init(task, jax.random.split(jax.random.PRNGKey(0))[0])
     _check_mapped(jax.device_get(mapped), pretrained, fresh)
+
+
+# configs/maskrcnn_finetune_torchvision.py shrunk by data and step overrides only (its
+# model is the converted ResNet-50-FPN): images resized as torchvision resizes them to
+# 64 pixels, two steps. The warmup starts from a learning rate of 0, so step 1's
+# checkpoint holds the weights training started from, step 2's one SGD step from them.
+TORCHVISION_TINY = {
+    "data.image_size": 64,
+    "data.min_size": 64,
+    "data.max_size": 64,
+    "data.shuffle_buffer": 8,
+    "data.max_instances": 8,
+    "batch_size": 2,
+    "num_train_steps": 2,
+    "log_every_steps": 1,
+    "eval_every_steps": 100,
+    "checkpoint_every_steps": 1,
+    "num_eval_images": 0,
+}
+
+
+def test_finetune_torchvision_config_is_the_converted_model():
+    from jfcnn import convert
+
+    config = tiny_configs.shipped_config("maskrcnn_finetune_torchvision.py")
+    tasks.validate_config(config)
+    # The published (v1) file converts with frozen batch norm epsilon 0.
+    assert config.model.to_dict() == convert.maskrcnn_config(0.0).model.to_dict()
+    converted = convert.maskrcnn_config(0.0).data
+    for key in ("resize", "min_size", "max_size", "image_size", "scale_range"):
+        assert config.data[key] == converted[key], key
+    assert config.data.name == "coco_json"
+
+
+@pytest.mark.slow
+def test_finetune_torchvision_config_trains_a_converted_workdir(tmp_path):
+    """``python -m jfcnn.convert`` then ``train.py --config
+    configs/maskrcnn_finetune_torchvision.py`` on a COCO JSON export one of whose
+    classes is a COCO class ("sports ball"), the other not ("square")."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    import coco_json_files as files
+    from conftest import Runner
+    from torchvision_maskrcnn import build_torchvision_model, v1_state_dict
+
+    from jfcnn import convert, weights
+
+    # torchvision's maskrcnn_resnet50_fpn, saved with the published file's key names.
+    with torch.no_grad():
+        state = {k: v.numpy() for k, v in build_torchvision_model().state_dict().items()}
+    path = str(tmp_path / "maskrcnn.safetensors")
+    weights.write_safetensors(path, v1_state_dict(state))
+    workdir = str(tmp_path / "maskrcnn_tv")
+    assert convert.convert_maskrcnn(path, workdir)["norm_epsilon"] == 0.0
+    _, _, converted, _ = evaluate.load_trained(workdir)
+    converted = jax.device_get(converted)
+
+    export = files.write_dataset(str(tmp_path / "export"))
+    for split in ("train", "eval"):
+        coco = files.read_json(export[f"{split}_annotations"])
+        for category in coco["categories"]:
+            if category["id"] == files.DISK:
+                category["name"] = "sports ball"
+        files.write_json(export[f"{split}_annotations"], coco)
+    paths = {
+        f"data.{key}": export[key]
+        for key in ("train_annotations", "train_images", "eval_annotations", "eval_images")
+    }
+    runner = Runner(str(tmp_path / "tfds"), "maskrcnn_finetune_torchvision.py", TORCHVISION_TINY)
+    result = runner.run(workdir, **paths)
+    assert "kept the rows of ['sports ball']; new rows for ['square']" in result.stderr
+
+    # Training started from the converted weights: COCO's rows for the background and
+    # "sports ball" (COCO's category 37), a fresh row for "square", the rest COCO's.
+    _, task, started, step = evaluate.load_trained(workdir, 1)
+    assert step == 1 and task.metadata.class_names == ("background", "square", "sports ball")
+    sports_ball = convert.COCO_CATEGORY_IDS[convert.THING_CLASS_NAMES.index("sports ball")]
+    assert sports_ball == 37
+    _check_mapped(jax.device_get(started), converted, None, rows=[0, -1, sports_ball])
+
+    # And trained: the trainable layers moved, the frozen ones (stem, res2, every
+    # frozen batch norm) did not.
+    _, _, trained, step = evaluate.load_trained(workdir, 2)
+    assert step == 2
+    frozen = train_lib.frozen_param_paths(task.model)
+    assert frozen
+    moved = []
+    for (key_path, before), after in zip(
+        jax.tree_util.tree_leaves_with_path(jax.device_get(started)),
+        jax.tree.leaves(jax.device_get(trained)),
+        strict=True,
+    ):
+        keys = tuple(str(getattr(entry, "key", entry)) for entry in key_path)
+        is_frozen = keys[0] != "params" or any(keys[1 : 1 + len(p)] == p for p in frozen)
+        assert np.isfinite(after).all(), keys
+        if is_frozen:
+            np.testing.assert_array_equal(after, before, err_msg=str(keys))
+        elif not np.array_equal(after, before):
+            moved.append(keys)
+    assert len(moved) > 10, moved

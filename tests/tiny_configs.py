@@ -4,7 +4,8 @@
 definition of the tiny Mask R-CNN: the model tests pass it to
 ``MaskRCNN(**MASKRCNN)``, the training tests as ``--config.model.x`` overrides
 of ``configs/maskrcnn.py`` (``config_overrides(MASKRCNN)``), so the two
-cannot drift apart.
+cannot drift apart. ``instance_metadata`` is the data set metadata of the tests
+that build a model for given classes without any data.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jfcnn.data.registry import DatasetMetadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,3 +89,26 @@ def shipped_config(name: str):
     finally:
         sys.path.remove(ROOT)
     return module.get_config()
+
+
+def instance_metadata(
+    class_names: Sequence[str], category_ids: Sequence[int] = ()
+) -> DatasetMetadata:
+    """Metadata of an instance data set of ``class_names`` (background first) at 64 x 64.
+
+    ``category_ids``: the class ids' category ids (default: the class ids).
+    """
+    # Imported here: conftest imports this module before torch, which must come
+    # before TensorFlow (imported by the jfcnn.data package).
+    from jfcnn.data.registry import DatasetMetadata
+
+    return DatasetMetadata(
+        name="data",
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        image_size=64,
+        num_train_examples=0,
+        num_eval_examples=0,
+        has_instances=True,
+        category_ids=tuple(category_ids),
+    )
