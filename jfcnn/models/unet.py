@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jfcnn.models.layers import ConvTranspose, norm_layer
+from jfcnn.ops.max_pool import max_pool
 
 # Re-exported: benchmarks/unet_step.py builds its PyTorch twin with this rule.
 
@@ -223,7 +224,7 @@ class UNet(nn.Module):
                 x_bhwc, train=train
             )
             skips.append(x_bhwc)
-            x_bhwc = nn.max_pool(x_bhwc, (2, 2), strides=(2, 2))
+            x_bhwc = max_pool(x_bhwc, 2)
         x_bhwc = DoubleConv(self.base_width * 2**self.depth, **block, name="bottleneck")(
             x_bhwc, train=train
         )

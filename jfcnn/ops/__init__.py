@@ -23,6 +23,7 @@ from jfcnn.ops.detection import (
     select_detections,
     select_proposals,
 )
+from jfcnn.ops.max_pool import max_pool
 from jfcnn.ops.nms import batched_nms, nms
 from jfcnn.ops.roi_align import (
     fpn_levels,
