@@ -26,6 +26,11 @@ joined, a process whose peer dies stops too (its next collective fails, or
 the coordinator misses the peer's heartbeats for `HEARTBEAT_TIMEOUT_S`).
 Once joined, SIGTERM is JAX's: its preemption service passes a SIGTERM to any
 process on to all of them, so that they can stop after the same step.
+
+A process alone on a CPU host trains on one JAX device per core
+(`split_cpu_into_devices`): XLA's CPU client keeps about one core busy per
+device on a U-Net's small convolutions, so the batch is sharded over the cores
+instead.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ DEFAULT_TIMEOUT_S = 300
 
 # Environment variables that give a multi-process cluster's size, as JAX reads them.
 _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+# At most this many CPU devices from `split_cpu_into_devices`, however many cores.
+MAX_CPU_DEVICES = 8
 
 
 def define_flags(flag_values: Any = None) -> None:
@@ -101,6 +109,48 @@ def initialize_from_flags(flag_values: Any = None) -> bool:
         multiprocess=f.multiprocess,
         timeout_s=f.distributed_timeout,
     )
+
+
+def split_cpu_into_devices(
+    batch_size: int, *, cores: int | None = None, environ: Any = None
+) -> int:
+    """Makes JAX's CPU backend one device per core, for a batch sharded over them.
+
+    On the 2-core machine of the README's benchmarks a U-Net step on two CPU
+    devices (the batch split in two by ``jit``) ran 1.3-1.6x as fast as on one,
+    whose step keeps about one core busy. Takes the largest count, up to the
+    number of cores this process may use (and `MAX_CPU_DEVICES`), that divides
+    ``batch_size``. Only the CPU backend changes: on a GPU or TPU host the
+    accelerators stay JAX's devices. Must come before any JAX computation.
+
+    Leaves the count alone, and returns 0, when the user chose one
+    (``JAX_NUM_CPU_DEVICES``, ``jax_num_cpu_devices``, or
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``), when no count
+    above 1 divides ``batch_size``, or when JAX's backends already exist.
+    ``JAX_NUM_CPU_DEVICES=1`` keeps one device. Returns the count it set.
+    """
+    import jax
+
+    environ = os.environ if environ is None else environ
+    if not isinstance(batch_size, int) or batch_size < 1:
+        return 0  # Config validation names the problem.
+    if (
+        "JAX_NUM_CPU_DEVICES" in environ
+        or "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", "")
+        or jax.config.jax_num_cpu_devices >= 0
+    ):
+        return 0
+    if cores is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    count = max(d for d in range(1, min(cores, MAX_CPU_DEVICES) + 1) if batch_size % d == 0)
+    if count == 1:
+        return 0
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # The backends exist: too late to change the count.
+        return 0
+    return count
 
 
 def cluster_size(environ: Any = None) -> int:

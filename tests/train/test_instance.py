@@ -86,6 +86,11 @@ def test_fpn_trains_restores_and_predicts(fpn_run):
     assert saved["num_train_steps"] == 120
     start = _train_log(workdir)[0]
     assert start["event"] == "start" and start["step"] == 0
+    # train.py splits the CPU into one device per core for the U-Net only.
+    if "JAX_NUM_CPU_DEVICES" not in os.environ and "device_count" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        assert start["devices"] == 1
     # Logged every 40 steps and at each checkpoint (60, 120).
     losses = _logged_losses(workdir)
     assert sorted(losses) == [40, 60, 80, 120] and losses[120] < losses[40]

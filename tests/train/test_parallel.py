@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -33,7 +34,8 @@ def test_jit_and_pmap_on_four_devices_match_one_device(runner, tmp_path):
         "model.norm": "group",
     }
     runs = {
-        "one_device": dict(env=None, parallelism="jit"),
+        # JAX_NUM_CPU_DEVICES=1: train.py would otherwise use one device per core.
+        "one_device": dict(env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"}, parallelism="jit"),
         "jit4": dict(env=runner.many_devices, parallelism="jit"),
         "pmap4": dict(env=runner.many_devices, parallelism="pmap"),
     }
@@ -42,7 +44,7 @@ def test_jit_and_pmap_on_four_devices_match_one_device(runner, tmp_path):
         with open(tmp_path / name / TRAIN_LOG) as f:
             start = json.loads(f.readline())
         assert start["event"] == "start" and start["parallelism"] == options["parallelism"]
-        assert start["devices"] == (1 if options["env"] is None else runner.faked_devices)
+        assert start["devices"] == (1 if name == "one_device" else runner.faked_devices)
 
     # Every checkpoint restores here, on this process's single device.
     assert jax.device_count() == 1

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from jfcnn import evaluate
+from jfcnn import distributed, evaluate
 from jfcnn.train import TRAIN_LOG
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,14 @@ def test_training_writes_checkpoints_logs_and_config(reference_run):
     evals = [r for r in log if "eval" in r]
     assert [r["step"] for r in evals] == [8, 12]
     assert 0 < evals[-1]["eval"]["mean_iou"] <= 1
+    # Alone on the CPU, train.py shards the batch of 8 over one device per core
+    # (as many cores as divide 8), unless the environment fixes the count.
+    if "JAX_NUM_CPU_DEVICES" not in os.environ and "device_count" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        cores = min(len(os.sched_getaffinity(0)), distributed.MAX_CPU_DEVICES)
+        per_core = max(d for d in range(1, cores + 1) if 8 % d == 0)
+        assert (log[0]["event"], log[0]["devices"]) == ("start", per_core)
 
 
 def test_evaluate_cli_metrics_match_independent_recomputation(runner, reference_run):
