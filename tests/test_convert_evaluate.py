@@ -16,15 +16,14 @@ predictions for the same images (``model(images)``: boxes scaled back and masks
 pasted at the original resolution, which is where jfcnn's ``coco_json``
 evaluation scores too).
 
-Known difference, left out here: on jfcnn's square canvas (``max_size`` rounded up
-to 32) an image whose resized side ends at or near the edge of torchvision's
-padded batch (a side that is a multiple of 32, e.g. the short side of every
-image that ``min_size`` binds, 160 here, or COCO's 800) gets other box-head
-features for boxes reaching that edge: torchvision's ROI Align clamps samples
-past the last row of its feature map to that row, while jfcnn's canvas has
-zeros there. A 150 x 150 photo (160 x 160 on a canvas of 256) changed a
-detection's box by 5 pixels and box AP from 0.84 to 0.65 in this test. The photos
-below all end well inside torchvision's padding.
+An image whose resized side ends at the edge of torchvision's padded batch (a side
+that is a multiple of 32, e.g. the short side of every image that ``min_size``
+binds, 160 here, or COCO's 800) lies on jfcnn's larger square canvas (``max_size``
+rounded up to 32) with more feature map past that edge; ROI Align is told where
+torchvision's maps end (its ``valid_hw``) and clamps its samples there as
+torchvision does. Before it was, a 150 x 150 photo (160 x 160 on a canvas of 256)
+changed a detection's box by 5 pixels and box AP from 0.84 to 0.65 in this test;
+that case is tested, more cheaply, in tests/test_convert_parity.py.
 """
 
 from __future__ import annotations
@@ -57,9 +56,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_SIZE, MAX_SIZE = 160, 256
 # (height, width, seed) of the photos, landscape and portrait, resized up to a long side
 # of 256 (142 x 256, 256 x 140, 135 x 256), with tens of confident detections between them.
-# Their short sides end well inside torchvision's padded batch (160 and 160 x 256), away
-# from its edge, where ROI Align on jfcnn's larger square canvas differs (see the report
-# in the module docstring).
+# Their short sides end inside torchvision's padded batch (160 and 160 x 256); an image
+# ending at its edge is tested in tests/test_convert_parity.py (module docstring).
 PHOTOS = [(100, 180, 31), (200, 110, 32), (90, 170, 23)]
 GROUND_TRUTH_SCORE = 0.5
 # Ground truth masks have at least this many pixels: jfcnn's masks are torchvision's up to

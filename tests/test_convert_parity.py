@@ -219,6 +219,41 @@ def test_any_image_size_gives_torchvision_detections_and_masks(torch_model, conv
     assert np.mean(ious) >= 0.95, np.mean(ious)
 
 
+def test_an_image_ending_at_torchvisions_padded_edge_on_a_larger_canvas(torch_model, converted):
+    """ROI Align samples each map as if it ended at torchvision's padded size: torchvision
+    clamps samples past its last row and column to them, where jfcnn's canvas goes on."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    model, variables, _, _ = converted
+    transform = torch_model.transform
+    try:
+        # 150 x 150 -> 160 x 160, torchvision's whole padded batch; jfcnn's canvas is
+        # 256 x 256 (max_size), as `convert --min_size=160 --max_size=256` makes it.
+        transform.min_size, transform.max_size = (160,), 256
+        resized, images, _, _, detections = _torch_run(torch_model, photo(150, 150, 3))
+    finally:
+        transform.min_size, transform.max_size = (MIN_SIZE,), MAX_SIZE
+    assert tuple(images.tensors.shape[2:]) == tuple(resized.shape[1:]) == (160, 160)
+    want_boxes = detections["boxes"].numpy()
+    want_scores = detections["scores"].numpy()
+    want_labels = detections["labels"].numpy()
+    # Many detections reach the bottom or right edge, where the two canvases differ.
+    assert len(want_scores) > 10 and (want_boxes[:, 2:] >= 159.5).any(1).mean() > 0.2
+    out = jax.jit(lambda v, x, s: model.apply(v, x, image_sizes=s))(
+        variables, _canvas(resized, (256, 256)), jnp.asarray([[160, 160]])
+    )
+    n = int(out["detection_valid"][0].sum())
+    boxes, scores = np.asarray(out["boxes"][0, :n]), np.asarray(out["scores"][0, :n])
+    labels = np.asarray(out["classes"][0, :n])
+    forward, match = _matched_fraction(want_boxes, want_scores, want_labels, boxes, scores, labels)
+    backward, _ = _matched_fraction(boxes, scores, labels, want_boxes, want_scores, want_labels)
+    assert forward >= 0.97 and backward >= 0.97, (forward, backward)
+    want_masks = paste_masks_in_image(detections["masks"], detections["boxes"], (160, 160))
+    masks = np.asarray(out["masks"][0, :n, :160, :160]).astype(bool)
+    ious = _mask_ious(want_masks[:, 0].numpy() >= 0.5, masks, match)
+    assert np.mean(ious) >= 0.95, np.mean(ious)
+
+
 def test_a_larger_canvas_has_torchvision_anchors_only(torch_model, converted):
     model, variables, _, _ = converted
     resized, images, features, _, _ = _torch_run(torch_model, photo(200, 250, 11))

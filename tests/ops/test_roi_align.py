@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jfcnn.ops import multilevel_roi_align, roi_align
+from jfcnn.ops import multilevel_roi_align, multilevel_roi_align_dense, roi_align
 from jfcnn.ops.roi_align import fpn_levels
 
 # One jitted entry point, so tests that use the same configuration share a compilation.
@@ -623,3 +623,189 @@ def test_multilevel_matches_torchvision():
     np.testing.assert_allclose(
         out.reshape(-1, 3, 3, 2), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=1e-5
     )
+
+
+# ----------------------------------------------------------------------------
+# valid_hw: a map padded past each image's extent pools as the unpadded map.
+
+# Each image's extent (h, w) on a (PAD_H, PAD_W) map; the padding holds noise, not
+# zeros, so that reading it (or interpolating toward it) would show.
+PAD_H, PAD_W = 11, 13
+EXTENTS = np.array([[H, W], [5, 6]], np.int32)
+
+
+def padded_maps(rng):
+    """`(2, PAD_H, PAD_W, C)` noise and the unpadded `[H x W, 5 x 6]` top-left crops."""
+    padded = rng.standard_normal((2, PAD_H, PAD_W, C)).astype(np.float32)
+    return padded, [padded[b, :h, :w] for b, (h, w) in enumerate(EXTENTS)]
+
+
+def edge_boxes(rng, n, height, width, scale):
+    """Boxes crossing, touching or ending at the bottom and right edges of an extent."""
+    boxes = random_boxes(rng, n, height, width, scale)
+    extent = np.array([width, height, width, height]) / scale
+    boxes[3] = [0.3, 0.2, 1.0, 1.0] * extent  # to the corner exactly
+    boxes[4] = [0.5, 0.6, 1.2, 1.3] * extent  # past it
+    boxes[5] = [0.1, 0.9, 0.6, 1.0] * extent  # a thin strip along the bottom row
+    boxes[6] = [0.95, 0.1, 1.04, 0.7] * extent  # straddling the right edge
+    return boxes.astype(np.float32)
+
+
+@pytest.mark.parametrize("aligned,ratio,scale", [(False, 2, 0.5), (True, 0, 1.0), (False, 0, 1.0)])
+def test_valid_hw_pools_as_the_unpadded_map(aligned, ratio, scale):
+    rng = np.random.default_rng(12)
+    padded, crops = padded_maps(rng)
+    boxes = np.stack([edge_boxes(rng, 9, h, w, scale) for h, w in EXTENTS])
+    options = dict(spatial_scale=scale, sampling_ratio=ratio, aligned=aligned)
+
+    def pool(f, b, valid_hw):
+        return roi_align(f, b, (3, 2), valid_hw=valid_hw, **options)
+
+    out, vjp = jax.vjp(jax.jit(pool), padded, boxes, EXTENTS)
+    cot = rng.standard_normal(out.shape).astype(np.float32)
+    feature_grad, box_grad, _ = vjp(cot)
+    assert np.abs(np.asarray(feature_grad)[:, H:]).max() == 0  # The padding is never read.
+    for b, crop in enumerate(crops):
+        args = (boxes[b], [0] * 9, (3, 2), scale, ratio, aligned)
+        expected = roi_align_loop(crop[None], *args)
+        np.testing.assert_allclose(out[b], expected, atol=2e-6)
+        # The same values and gradients as roi_align on the unpadded map.
+        want, want_vjp = jax.vjp(lambda f, bx: roi_align(f, bx, (3, 2), **options), crop, boxes[b])
+        np.testing.assert_allclose(out[b], want, atol=1e-6)
+        want_feature_grad, want_box_grad = want_vjp(cot[b])
+        h, w = EXTENTS[b]
+        grad = np.asarray(feature_grad[b])
+        np.testing.assert_allclose(grad[:h, :w], want_feature_grad, atol=1e-5)
+        assert np.abs(grad[h:]).max(initial=0) == 0 and np.abs(grad[:, w:]).max(initial=0) == 0
+        np.testing.assert_allclose(
+            grad[:h, :w], roi_align_loop_vjp((1, h, w, C), *args, cot[b])[0], atol=1e-5
+        )
+        np.testing.assert_allclose(box_grad[b], want_box_grad, atol=1e-4, rtol=1e-4)
+    # Without valid_hw the edge boxes read the padding.
+    assert not np.allclose(roi_align(padded, boxes, (3, 2), **options), out, atol=1e-3)
+
+
+def test_valid_hw_in_every_form_under_vmap_and_jit():
+    rng = np.random.default_rng(13)
+    padded, _ = padded_maps(rng)
+    boxes = np.stack([edge_boxes(rng, 9, h, w, 1.0) for h, w in EXTENTS])
+    batched = roi_align_jit(padded, boxes, 2, valid_hw=EXTENTS)
+    single = [roi_align(padded[b], boxes[b], 2, valid_hw=EXTENTS[b]) for b in range(2)]
+    vmapped = jax.jit(jax.vmap(lambda f, b, v: roi_align(f, b, 2, valid_hw=v)))(
+        padded, boxes, EXTENTS
+    )
+    order = rng.permutation(18)
+    image = np.repeat(np.arange(2), 9)[order].astype(np.int32)
+    flat = roi_align_jit(
+        padded, boxes.reshape(-1, 4)[order], 2, box_indices=image, valid_hw=EXTENTS
+    )
+    expected = np.concatenate(
+        [roi_align_jit(padded[b, :h, :w], boxes[b], 2) for b, (h, w) in enumerate(EXTENTS)]
+    )
+    np.testing.assert_allclose(batched.reshape(expected.shape), expected, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(single), expected, atol=1e-6)
+    np.testing.assert_allclose(vmapped.reshape(expected.shape), expected, atol=1e-6)
+    np.testing.assert_allclose(flat, expected[order], atol=1e-6)
+    # The whole map, or more (clamped to it), is no valid_hw at all.
+    whole = roi_align_jit(padded, boxes, 2)
+    for valid_hw in ([[PAD_H, PAD_W]] * 2, [[PAD_H + 5, 99]] * 2):
+        np.testing.assert_array_equal(roi_align_jit(padded, boxes, 2, valid_hw=valid_hw), whole)
+
+
+def test_valid_hw_gradients_float64():
+    rng = np.random.default_rng(14)
+    with jax.enable_x64(True):
+        features = jnp.asarray(rng.standard_normal((9, 10, 2)))
+        # Crossing the bottom-right corner of a 6 x 8 extent, samples off integer rows.
+        boxes = jnp.asarray([[4.13, 3.27, 9.41, 7.38], [0.31, 4.42, 5.13, 6.77]])
+
+        def pool(f, b):
+            return roi_align(f, b, (2, 3), sampling_ratio=2, aligned=False, valid_hw=(6, 8))
+
+        check_grads(jax.jit(pool), (features, boxes), order=1, modes=["rev"], eps=1e-6)
+
+
+def test_valid_hw_bad_shapes_raise():
+    features, boxes = jnp.zeros((2, 4, 4, 1)), jnp.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match=r"valid_hw must have shape \(2, 2\), got \(2,\)"):
+        roi_align(features, boxes, 2, valid_hw=np.array([4, 4]))
+    with pytest.raises(TypeError, match="valid_hw must be integers"):
+        roi_align(features, boxes, 2, valid_hw=np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"\(2,\), got \(1, 2\)"):
+        roi_align(features[0], boxes[0], 2, valid_hw=np.array([[4, 4]]))
+    maps = [jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 4, 4, 1))]
+    with pytest.raises(ValueError, match=r"\(2, 2\), got \(1, 2\)"):
+        multilevel_roi_align(maps, boxes, 2, strides=(4, 8), valid_hw=np.array([[32, 32]]))
+
+
+def test_valid_hw_matches_torchvision_on_the_unpadded_map():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(15)
+    padded, crops = padded_maps(rng)
+    for aligned, ratio, scale, output_size in CASES[:4]:
+        boxes = np.stack([edge_boxes(rng, 9, h, w, scale) for h, w in EXTENTS])
+        options = dict(spatial_scale=scale, sampling_ratio=ratio, aligned=aligned)
+        out = roi_align_jit(padded, boxes, output_size, valid_hw=EXTENTS, **options)
+        for b, crop in enumerate(crops):
+            crop_t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
+            crop_t.requires_grad_(True)
+            rois = torch.cat([torch.zeros(9, 1), torch.from_numpy(boxes[b])], dim=1)
+            ref = torchvision.ops.roi_align(crop_t, rois, output_size, scale, ratio, aligned)
+            np.testing.assert_allclose(out[b], ref.detach().permute(0, 2, 3, 1).numpy(), atol=2e-6)
+            if (aligned, ratio) != (False, 2):
+                continue
+            # torchvision's MultiScaleRoIAlign setting: feature gradients too.
+            cot = rng.standard_normal(out[b].shape).astype(np.float32)
+            (grad_t,) = torch.autograd.grad(ref, crop_t, torch.from_numpy(cot).permute(0, 3, 1, 2))
+            grad = jax.grad(
+                lambda f, b=b, bx=boxes, cot=cot, size=output_size, options=options: jnp.vdot(
+                    roi_align_jit(f, bx, size, valid_hw=EXTENTS, **options)[b], cot
+                )
+            )(padded)
+            h, w = EXTENTS[b]
+            want = grad_t[0].permute(1, 2, 0).numpy()
+            np.testing.assert_allclose(grad[b, :h, :w], want, atol=1e-5)
+            assert np.abs(np.asarray(grad[b])).sum() == pytest.approx(np.abs(want).sum(), 1e-5)
+
+
+def test_multilevel_valid_hw_matches_torchvision_on_the_unpadded_maps():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from collections import OrderedDict
+
+    rng = np.random.default_rng(16)
+    strides = (4, 8, 16, 32)
+    canvas = 192
+    # torchvision's padded batches of the two images (multiples of 32), on one canvas.
+    image_hw = np.array([[128, 96], [96, 160]], np.int32)
+    features = [
+        rng.standard_normal((2, canvas // s, canvas // s, 2)).astype(np.float32) for s in strides
+    ]
+    boxes = []
+    for h, w in image_hw:
+        corner = rng.uniform(0, 0.9, (10, 2)) * [w, h]
+        side = np.exp(rng.uniform(np.log(8), np.log(180), (10, 2)))
+        # Half of them reach the bottom or right edge of the image.
+        far = np.minimum(corner + side, [w, h])
+        far[::2] = [w, h]
+        boxes.append(np.concatenate([corner, far], -1))
+    boxes = np.stack(boxes).astype(np.float32)
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 3, sampling_ratio=2)
+    kwargs = dict(strides=strides, sampling_ratio=2)
+    out = multilevel_roi_align(features, boxes, 3, valid_hw=image_hw, **kwargs)
+    dense = multilevel_roi_align_dense(features, boxes, 3, valid_hw=image_hw, **kwargs)
+    np.testing.assert_allclose(dense, out, atol=1e-5)
+    for b, (h, w) in enumerate(image_hw):
+        crops = [f[b : b + 1, : h // s, : w // s] for f, s in zip(features, strides, strict=True)]
+        maps = OrderedDict(
+            (str(i), torch.from_numpy(np.ascontiguousarray(f)).permute(0, 3, 1, 2))
+            for i, f in enumerate(crops)
+        )
+        ref = pooler(maps, [torch.from_numpy(boxes[b])], [(int(h), int(w))])
+        np.testing.assert_allclose(out[b], ref.permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=1e-5)
+        # ... which is multilevel_roi_align on those maps.
+        unpadded = multilevel_roi_align(crops, boxes[b : b + 1], 3, **kwargs)
+        np.testing.assert_allclose(out[b], unpadded[0], atol=1e-6)
+    # On the padded maps without valid_hw, boxes at the image edge read the padding.
+    assert not np.allclose(multilevel_roi_align(features, boxes, 3, **kwargs), out, atol=1e-3)

@@ -73,6 +73,37 @@ def test_multilevel_roi_align_dense_equals_multilevel_roi_align(sampling_ratio, 
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (0, True)])
+def test_roi_align_dense_with_valid_hw_equals_roi_align_and_the_unpadded_map(
+    sampling_ratio, aligned
+):
+    rng = np.random.default_rng(3)
+    features = jnp.asarray(rng.normal(size=(2, 16, 12, 3)), jnp.float32)
+    valid_hw = np.array([[9, 12], [16, 7]], np.int32)  # In feature pixels.
+    # Image coordinates (stride 4), many boxes crossing the bottom or right edge.
+    boxes = jnp.asarray(random_boxes(rng, 40, 10, 60, 1.0, 40.0).reshape(2, 20, 4))
+    kwargs = dict(spatial_scale=0.25, sampling_ratio=sampling_ratio, aligned=aligned)
+
+    @jax.jit
+    def values_and_grads(features):
+        def pool_and_grad(fn):
+            pool = functools.partial(
+                fn, boxes=boxes, output_size=(5, 4), valid_hw=valid_hw, **kwargs
+            )
+            return pool(features), jax.grad(lambda f: jnp.sum(jnp.sin(pool(f))))(features)
+
+        return pool_and_grad(roi_align_dense), pool_and_grad(roi_align)
+
+    (got, got_grad), (want, want_grad) = values_and_grads(features)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-4)
+    for b, (h, w) in enumerate(valid_hw):
+        unpadded = roi_align_dense(features[b : b + 1, :h, :w], boxes[b : b + 1], (5, 4), **kwargs)
+        np.testing.assert_allclose(got[b], unpadded[0], atol=1e-5)
+        assert np.abs(np.asarray(got_grad[b, h:])).sum() == np.abs(got_grad[b, :, w:]).sum() == 0
+    assert not np.allclose(roi_align_dense(features, boxes, (5, 4), **kwargs), got, atol=1e-3)
+
+
 def test_bad_inputs_raise():
     features, boxes = jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 2, 4))
     with pytest.raises(ValueError, match=r"\(4, 4, 1\)"):
@@ -86,3 +117,7 @@ def test_bad_inputs_raise():
     maps = [jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 4, 4, 2))]
     with pytest.raises(ValueError, match=r"\(4, 16\)"):
         multilevel_roi_align_dense(maps, boxes, 2, strides=(4, 16))
+    with pytest.raises(ValueError, match=r"valid_hw must have shape \(1, 2\), got \(2,\)"):
+        roi_align_dense(features, boxes, 2, valid_hw=np.array([4, 4]))
+    with pytest.raises(TypeError, match="valid_hw must be integers"):
+        multilevel_roi_align_dense(maps, boxes, 2, strides=(4, 8), valid_hw=np.ones((1, 2)))

@@ -453,7 +453,13 @@ class MaskRCNN(nn.Module):
         rpn_maps, pool_maps = self._features(images, train, image_sizes)
         proposals, proposal_valid = self.rpn(rpn_maps, image_size, image_sizes, padded_sizes)
         detections = self.heads(
-            pool_maps, proposals, proposal_valid, image_size, train=train, image_sizes=image_sizes
+            pool_maps,
+            proposals,
+            proposal_valid,
+            image_size,
+            train=train,
+            image_sizes=image_sizes,
+            padded_sizes=padded_sizes,
         )
         paste = paste_masks_torchvision if self.mask_paste == "torchvision" else paste_masks
         masks = paste(

@@ -247,12 +247,20 @@ class ROIHeads(nn.Module):
         """Side ``S`` of the masks for a given ``mask_pool_size``."""
         raise NotImplementedError
 
-    def box_predictions(self, maps, boxes: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        """Class logits ``(B, N, K)`` and deltas ``(B, N, K, 4)`` of ``(B, N, 4)`` boxes."""
+    def box_predictions(
+        self, maps, boxes: jax.Array, train: bool, valid_hw: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Class logits ``(B, N, K)`` and deltas ``(B, N, K, 4)`` of ``(B, N, 4)`` boxes.
+
+        ``valid_hw`` ``(B, 2)``: where each image's maps end, in image pixels
+        (ROI Align's ``valid_hw``); None: the whole maps.
+        """
         raise NotImplementedError
 
-    def mask_predictions(self, maps, boxes: jax.Array, train: bool) -> jax.Array:
-        """Mask logits ``(B, N, S, S, K)`` of ``(B, N, 4)`` boxes."""
+    def mask_predictions(
+        self, maps, boxes: jax.Array, train: bool, valid_hw: jax.Array | None = None
+    ) -> jax.Array:
+        """Mask logits ``(B, N, S, S, K)`` of ``(B, N, 4)`` boxes (``valid_hw`` as above)."""
         raise NotImplementedError
 
     def training_predictions(self, maps, rois: jax.Array, num_mask_rois: int, train: bool):
@@ -359,19 +367,24 @@ class ROIHeads(nn.Module):
         *,
         train: bool = False,
         image_sizes: jax.Array | None = None,
+        padded_sizes: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Detections of ``(B, P, 4)`` proposals and their mask probabilities.
 
         Boxes are clipped to ``image_sizes`` ``(B, 2)`` (each image's
         ``(height, width)`` on the canvas, top-left), or to the canvas
-        ``image_size`` when None.
+        ``image_size`` when None. ``padded_sizes`` ``(B, 2)``: each image's
+        size padded as torchvision pads a batch of it alone; ROI Align then
+        samples each map as if it ended there (torchvision's feature maps,
+        whose last row and column it clamps to), not at the canvas's edge.
+        None: the whole maps.
 
         Returns:
           ``boxes`` (B, D, 4), ``scores`` (B, D), ``classes`` (B, D) int32,
           ``detection_valid`` (B, D) bool and ``mask_probs`` (B, D, S, S)
           of the detected class (zeros in padding slots).
         """
-        class_logits, box_deltas = self.box_predictions(maps, proposals, train)
+        class_logits, box_deltas = self.box_predictions(maps, proposals, train, padded_sizes)
         if image_sizes is None:
             image_sizes = jnp.broadcast_to(jnp.asarray(image_size), (proposals.shape[0], 2))
 
@@ -391,7 +404,7 @@ class ROIHeads(nn.Module):
         boxes, scores, classes, valid = jax.vmap(detections_of)(
             class_logits, box_deltas, proposals, proposal_valid, image_sizes
         )
-        mask_logits = self.mask_predictions(maps, boxes, train)
+        mask_logits = self.mask_predictions(maps, boxes, train, padded_sizes)
         return {
             "boxes": boxes,
             "scores": scores,
@@ -437,8 +450,18 @@ class StandardROIHeads(ROIHeads):
     def output_mask_size(mask_pool_size: int) -> int:
         return 2 * mask_pool_size
 
-    def _pool(self, maps: Sequence[jax.Array], boxes: jax.Array, size: int) -> jax.Array:
-        """ROI Align ``(B, N, 4)`` boxes -> ``(B * N, size, size, C)``; boxes are constants."""
+    def _pool(
+        self,
+        maps: Sequence[jax.Array],
+        boxes: jax.Array,
+        size: int,
+        valid_hw: jax.Array | None = None,
+    ) -> jax.Array:
+        """ROI Align ``(B, N, 4)`` boxes -> ``(B * N, size, size, C)``; boxes are constants.
+
+        ``valid_hw`` ``(B, 2)``: each image's extent in image pixels (ROI
+        Align only; ROI pooling ignores it).
+        """
         if self.roi_pooler == "pool":
             pooled = multilevel_roi_pool(
                 maps,
@@ -459,17 +482,18 @@ class StandardROIHeads(ROIHeads):
             aligned=self.aligned,
             canonical_scale=self.canonical_scale,
             canonical_level=self.canonical_level,
+            valid_hw=valid_hw,
         )
         return pooled.reshape(-1, *pooled.shape[2:])
 
-    def box_predictions(self, maps, boxes, train):
+    def box_predictions(self, maps, boxes, train, valid_hw=None):
         b, n = boxes.shape[:2]
-        logits, deltas = self.box_branch(self._pool(maps, boxes, self.box_pool_size))
+        logits, deltas = self.box_branch(self._pool(maps, boxes, self.box_pool_size, valid_hw))
         return logits.reshape(b, n, -1), deltas.reshape(b, n, -1, 4)
 
-    def mask_predictions(self, maps, boxes, train):
+    def mask_predictions(self, maps, boxes, train, valid_hw=None):
         b, n = boxes.shape[:2]
-        logits = self.mask_branch(self._pool(maps, boxes, self.mask_pool_size))
+        logits = self.mask_branch(self._pool(maps, boxes, self.mask_pool_size, valid_hw))
         return logits.reshape(b, n, *logits.shape[1:])
 
     def training_predictions(self, maps, rois, num_mask_rois, train):
@@ -531,8 +555,18 @@ class Res5ROIHeads(ROIHeads):
     def output_mask_size(mask_pool_size: int) -> int:
         return 2 * ((mask_pool_size + 1) // 2)
 
-    def _res5_features(self, maps: Sequence[jax.Array], boxes: jax.Array, train: bool):
-        """res5 of ROI Align of ``(B, N, 4)`` boxes: ``(B * N, 7, 7, C5)``; boxes are constants."""
+    def _res5_features(
+        self,
+        maps: Sequence[jax.Array],
+        boxes: jax.Array,
+        train: bool,
+        valid_hw: jax.Array | None = None,
+    ):
+        """res5 of ROI Align of ``(B, N, 4)`` boxes: ``(B * N, 7, 7, C5)``; boxes are constants.
+
+        ``valid_hw`` ``(B, 2)``: each image's extent in image pixels (ROI
+        Align only; ROI pooling ignores it).
+        """
         boxes = jax.lax.stop_gradient(boxes)
         if self.roi_pooler == "pool":
             pooled = roi_pool(maps[0], boxes, self.mask_pool_size, spatial_scale=1.0 / self.stride)
@@ -545,6 +579,8 @@ class Res5ROIHeads(ROIHeads):
                 spatial_scale=1.0 / self.stride,
                 sampling_ratio=self.sampling_ratio,
                 aligned=self.aligned,
+                # torchvision's map size for that padding (roi_align clamps to the map).
+                valid_hw=None if valid_hw is None else -(-valid_hw // self.stride),
             )
         return self.res5(pooled.reshape(-1, *pooled.shape[2:]), train=train)
 
@@ -556,13 +592,13 @@ class Res5ROIHeads(ROIHeads):
         logits = self.mask_branch(features)
         return logits.reshape(b, n, *logits.shape[1:])
 
-    def box_predictions(self, maps, boxes, train):
+    def box_predictions(self, maps, boxes, train, valid_hw=None):
         b, n = boxes.shape[:2]
-        return self._predict_boxes(self._res5_features(maps, boxes, train), b, n)
+        return self._predict_boxes(self._res5_features(maps, boxes, train, valid_hw), b, n)
 
-    def mask_predictions(self, maps, boxes, train):
+    def mask_predictions(self, maps, boxes, train, valid_hw=None):
         b, n = boxes.shape[:2]
-        return self._predict_masks(self._res5_features(maps, boxes, train), b, n)
+        return self._predict_masks(self._res5_features(maps, boxes, train, valid_hw), b, n)
 
     def training_predictions(self, maps, rois, num_mask_rois, train):
         b, r = rois.shape[:2]

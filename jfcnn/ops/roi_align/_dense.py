@@ -25,9 +25,11 @@ from jfcnn.ops.roi_align._geometry import (
     MULTILEVEL_MAX_SAMPLING_RATIO,
     axis_samples,
     check_pyramid,
+    check_valid_hw,
     fpn_levels,
     grid_count,
     kept_boxes,
+    level_extents,
 )
 
 
@@ -36,6 +38,7 @@ def _align_weights(
     end: jax.Array,
     size: int,
     pooled: int,
+    extent: jax.Array | int,
     *,
     spatial_scale: float,
     sampling_ratio: int,
@@ -46,7 +49,8 @@ def _align_weights(
 
     The samples of :func:`jfcnn.ops.roi_align` (torchvision's positions and
     border rules), each spread over its two bilinear taps; a bin is the mean
-    of its ``grid`` samples per axis.
+    of its ``grid`` samples per axis. ``extent`` (broadcastable to ``start``,
+    ``<= size``) is where each box's map ends for those rules.
     """
     offset = 0.5 if aligned else 0.0
     start = start * spatial_scale - offset
@@ -54,12 +58,13 @@ def _align_weights(
     grid = grid_count(end - start, pooled, sampling_ratio, max_sampling_ratio, aligned)
     slots = sampling_ratio if sampling_ratio > 0 else max_sampling_ratio
 
-    def samples(start, end, grid):
-        return axis_samples(start, end, size, pooled, grid, slots, aligned)
+    def samples(start, end, grid, extent):
+        return axis_samples(start, end, extent, pooled, grid, slots, aligned)
 
     for _ in range(start.ndim):  # axis_samples takes one box.
         samples = jax.vmap(samples)
-    lo, hi, frac, valid = samples(start, end, grid)
+    extent = jnp.broadcast_to(jnp.asarray(extent, jnp.int32), start.shape)
+    lo, hi, frac, valid = samples(start, end, grid, extent)
     cells = jnp.arange(size)
     weights = (lo[..., None] == cells) * (1.0 - frac)[..., None]
     weights += (hi[..., None] == cells) * frac[..., None]
@@ -75,9 +80,16 @@ def _check_dense_inputs(features: jax.Array, boxes: jax.Array) -> None:
         raise ValueError(f"boxes must have shape ({features.shape[0]}, N, 4), got {boxes.shape}")
 
 
-def _dense_pool(features_bhwc, boxes_bn4, output_size, box_weight_bn, **kwargs):
-    """`(B, N, PH, PW, C)` in the accumulation dtype; `box_weight_bn` scales each box."""
+def _dense_pool(features_bhwc, boxes_bn4, output_size, box_weight_bn, extent_b2, **kwargs):
+    """`(B, N, PH, PW, C)` in the accumulation dtype; `box_weight_bn` scales each box.
+
+    `extent_b2`: each image's map size for the sampling rules (None: `(H, W)`).
+    """
     _, h, w, _ = features_bhwc.shape
+    extent_h, extent_w = h, w
+    if extent_b2 is not None:
+        extent_b2 = jnp.clip(extent_b2, 1, jnp.asarray([h, w], jnp.int32))
+        extent_h, extent_w = extent_b2[:, None, 0], extent_b2[:, None, 1]
     ph, pw = pair(output_size, "output_size", minimum=1)
     dtype = features_bhwc.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
@@ -86,8 +98,8 @@ def _dense_pool(features_bhwc, boxes_bn4, output_size, box_weight_bn, **kwargs):
     boxes_bn4, kept_bn = kept_boxes(boxes_bn4.astype(acc))
     kept_bn = kept_bn.astype(acc)
     box_weight_bn = kept_bn if box_weight_bn is None else box_weight_bn * kept_bn
-    wy_bnph = _align_weights(boxes_bn4[..., 1], boxes_bn4[..., 3], h, ph, **kwargs)
-    wx_bnqw = _align_weights(boxes_bn4[..., 0], boxes_bn4[..., 2], w, pw, **kwargs)
+    wy_bnph = _align_weights(boxes_bn4[..., 1], boxes_bn4[..., 3], h, ph, extent_h, **kwargs)
+    wx_bnqw = _align_weights(boxes_bn4[..., 0], boxes_bn4[..., 2], w, pw, extent_w, **kwargs)
     wy_bnph = wy_bnph * box_weight_bn[..., None, None]
     wy_bnph, wx_bnqw = wy_bnph.astype(dtype), wx_bnqw.astype(dtype)
     rows_bnpwc = jnp.einsum("bnph,bhwc->bnpwc", wy_bnph, features_bhwc, preferred_element_type=acc)
@@ -105,6 +117,7 @@ def roi_align_dense(
     sampling_ratio: int = 2,
     aligned: bool = True,
     max_sampling_ratio: int = 8,
+    valid_hw: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`jfcnn.ops.roi_align` (batched form) as two matrix products per box.
 
@@ -127,6 +140,8 @@ def roi_align_dense(
         :func:`jfcnn.ops.roi_align`, with its defaults (`aligned=True`,
         detectron2's `ROIAlignV2`; torchvision's `roi_align` defaults to
         False).
+      valid_hw: optional ``(B, 2)`` int: where each image's map ends, in
+        feature pixels, as in :func:`jfcnn.ops.roi_align`.
 
     Returns:
       ``(B, N, PH, PW, C)`` in the dtype of ``features``.
@@ -142,11 +157,13 @@ def roi_align_dense(
     """
     features, boxes = jnp.asarray(features), jnp.asarray(boxes)
     _check_dense_inputs(features, boxes)
+    valid_hw = check_valid_hw(valid_hw, (features.shape[0], 2))
     out = _dense_pool(
         features,
         jax.lax.stop_gradient(boxes),
         output_size,
         None,
+        valid_hw,
         spatial_scale=spatial_scale,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
@@ -165,6 +182,7 @@ def multilevel_roi_align_dense(
     aligned: bool = False,
     canonical_scale: float = 224,
     canonical_level: int = 4,
+    valid_hw: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`jfcnn.ops.multilevel_roi_align` with :func:`roi_align_dense` per level.
 
@@ -181,11 +199,14 @@ def multilevel_roi_align_dense(
         :func:`jfcnn.ops.multilevel_roi_align`, with its defaults
         (`aligned=False`, torchvision's `MultiScaleRoIAlign`, which its
         pretrained Mask R-CNN weights need).
+      valid_hw: optional ``(B, 2)`` int: each image's extent in input-image
+        pixels, as in :func:`jfcnn.ops.multilevel_roi_align`.
 
     Returns:
       ``(B, N, PH, PW, C)`` in the dtype of the features.
     """
     features, boxes, strides = check_pyramid(features, boxes, strides)
+    valid_hw = check_valid_hw(valid_hw, (boxes.shape[0], 2))
     boxes = jax.lax.stop_gradient(boxes)
     k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
     level = fpn_levels(
@@ -202,6 +223,7 @@ def multilevel_roi_align_dense(
             boxes,
             output_size,
             (level == index).astype(jnp.float32),
+            None if valid_hw is None else level_extents(valid_hw, stride, f.shape[1:3]),
             spatial_scale=1.0 / stride,
             sampling_ratio=sampling_ratio,
             aligned=aligned,

@@ -20,7 +20,9 @@ from jfcnn.ops.roi_align._geometry import (
     MULTILEVEL_MAX_SAMPLING_RATIO,
     check_pyramid,
     check_roi_inputs,
+    check_valid_hw,
     fpn_levels,
+    level_extents,
 )
 from jfcnn.ops.roi_align._kernel import patch_extent, roi_align_flat
 
@@ -36,6 +38,7 @@ def roi_align(
     box_indices: jax.Array | None = None,
     index_mode: str = "clip",
     max_sampling_ratio: int = 8,
+    valid_hw: jax.Array | None = None,
 ) -> jax.Array:
     """Pools a `(PH, PW)` grid of bilinearly sampled features from each box.
 
@@ -71,6 +74,11 @@ def roi_align(
       feature pixels); above it that axis takes `max_sampling_ratio` evenly
       spaced samples per bin, as a fixed `sampling_ratio` of that value would.
       `max_sampling_ratio` is ignored for `sampling_ratio > 0`.
+    * With `valid_hw`, each image's map is taken to end at its `(h, w)`: the
+      rules above use `H = h` and `W = w` and give pixels past them zero
+      weight: the result and its gradients are those of `roi_align` on
+      `features[..., :h, :w, :]` (torchvision's on that map), whatever finite
+      values lie past it, which get zero gradient.
 
     The result is differentiable with respect to `features` and `boxes` (the
     box gradient, which torchvision does not provide, is the exact derivative
@@ -114,6 +122,11 @@ def roi_align(
         naming the first bad index when `box_indices` is concrete and fills
         when it is traced. Ignored by the other forms.
       max_sampling_ratio: cap on the adaptive sample count per bin axis.
+      valid_hw: optional int `(h, w)` extent of the map in feature pixels,
+        `(2,)` for `(H, W, C)` features, else `(B, 2)`, one per image (the
+        flat form looks it up by `box_indices`); clamped to `[1, H] x [1, W]`.
+        For maps padded further than a reference's (torchvision's feature
+        maps of a batch padded less). None: the whole map.
 
     Returns:
       The pooled features, shaped as above, with the dtype of `features`.
@@ -136,6 +149,14 @@ def roi_align(
     >>> out[0, :, :, 0].tolist()  # samples at (0.5, 0.5), (0.5, 1.5), ...
     [[2.5, 3.5], [6.5, 7.5]]
 
+    A map padded past where it ends:
+
+    >>> padded = jnp.pad(features, ((0, 2), (0, 2), (0, 0)), constant_values=-1.0)
+    >>> box = jnp.array([[1.0, 1.0, 6.0, 6.0]])
+    >>> out = roi_align(padded, box, 2, sampling_ratio=1, aligned=False, valid_hw=(4, 4))
+    >>> bool(jnp.all(out == roi_align(features, box, 2, sampling_ratio=1, aligned=False)))
+    True
+
     Bad boxes and image indices:
 
     >>> batch = jnp.stack([features, features + 100.0])  # B = 2
@@ -154,6 +175,7 @@ def roi_align(
     if index_mode not in _INDEX_MODES:
         raise ValueError(f"index_mode must be one of {_INDEX_MODES}, got {index_mode!r}")
     features, boxes, box_indices = check_roi_inputs(features, boxes, box_indices)
+    valid_hw = check_valid_hw(valid_hw, features.shape[:-3] + (2,))
     if box_indices is not None and index_mode == "raise":
         if not isinstance(box_indices, jax.core.Tracer):
             _check_indices(np.asarray(box_indices), features.shape[0])
@@ -162,6 +184,7 @@ def roi_align(
         boxes,
         box_indices,
         spatial_scale,
+        valid_hw,
         output_size=output_size,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
@@ -194,6 +217,7 @@ def _roi_align_impl(
     boxes,
     box_indices,
     spatial_scale,
+    valid_hw,
     *,
     output_size,
     sampling_ratio,
@@ -219,14 +243,20 @@ def _roi_align_impl(
             keep = image == box_indices
         canvas, out_shape = features, boxes.shape[:1]
     _, h, w, c = canvas.shape
+    level_h, level_w = h, w
+    if valid_hw is not None:
+        # The kernel clamps and zeroes samples at each box's level size, and
+        # its patches stay within `max(level size, patch)` <= the canvas.
+        extent = jnp.clip(valid_hw.reshape(-1, 2), 1, jnp.asarray([h, w], jnp.int32))[image]
+        level_h, level_w = extent[:, 0], extent[:, 1]
     out = roi_align_flat(
         canvas,
         image,
         boxes.reshape(-1, 4),
         keep=keep,
         scale=spatial_scale,
-        level_h=h,
-        level_w=w,
+        level_h=level_h,
+        level_w=level_w,
         cap_y=h,
         cap_x=w,
         output_size=output_size,
@@ -247,6 +277,7 @@ def multilevel_roi_align(
     aligned: bool = False,
     canonical_scale: float = 224,
     canonical_level: int = 4,
+    valid_hw: jax.Array | None = None,
 ) -> jax.Array:
     """ROI Align from a feature pyramid, each box from the level that fits it.
 
@@ -278,6 +309,12 @@ def multilevel_roi_align(
         Mask R-CNN weights need False. detectron2's FPN heads (`ROIAlignV2`)
         and `roi_align`'s default use True.
       canonical_scale, canonical_level: FPN level heuristic (224 and 4).
+      valid_hw: optional `(B, 2)` int `(h, w)` of each image in input-image
+        pixels: the level of stride `s` is pooled as `roi_align`'s
+        `valid_hw` of `ceil((h, w) / s)` (clamped to the level's size), the
+        maps torchvision's `MultiScaleRoIAlign` sees for a batch padded to
+        `(h, w)` (a multiple of the strides), wherever these maps are
+        padded further. None: every level's whole map.
 
     Returns:
       `(B, N, PH, PW, C)` pooled features, in the dtype of `features`.
@@ -293,10 +330,12 @@ def multilevel_roi_align(
     output_size = pair(output_size, "output_size", minimum=1)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     features, boxes, strides = check_pyramid(features, boxes, strides)
+    valid_hw = check_valid_hw(valid_hw, (boxes.shape[0], 2))
 
     return _multilevel_impl(
         tuple(features),
         boxes,
+        valid_hw,
         output_size=output_size,
         strides=strides,
         sampling_ratio=sampling_ratio,
@@ -320,6 +359,7 @@ def multilevel_roi_align(
 def _multilevel_impl(
     features,
     boxes,
+    valid_hw,
     *,
     output_size,
     strides,
@@ -361,13 +401,28 @@ def _multilevel_impl(
         canvas = lax.dynamic_update_slice(canvas, first, (0, 0, 0, 0))
         for f, row in zip(features[1:], right_rows, strict=True):
             canvas = lax.dynamic_update_slice(canvas, f, (0, row, widths[0], 0))
+    image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
+    level_h = jnp.asarray(heights, jnp.int32)[level]
+    level_w = jnp.asarray(widths, jnp.int32)[level]
+    if valid_hw is not None:
+        # (B, L, 2): each image's extent on each level; patches past it stay
+        # within the level's margin on the canvas.
+        extents = jnp.stack(
+            [
+                level_extents(valid_hw, s, f.shape[1:3])
+                for s, f in zip(strides, features, strict=True)
+            ],
+            axis=1,
+        )
+        extent = extents[image, level]
+        level_h, level_w = extent[:, 0], extent[:, 1]
     out = roi_align_flat(
         canvas,
-        jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
+        image,
         flat_boxes,
         scale=jnp.asarray([1.0 / s for s in strides], jnp.float32)[level],
-        level_h=jnp.asarray(heights, jnp.int32)[level],
-        level_w=jnp.asarray(widths, jnp.int32)[level],
+        level_h=level_h,
+        level_w=level_w,
         row_offset=jnp.asarray(row_offsets, jnp.int32)[level],
         col_offset=jnp.asarray(col_offsets, jnp.int32)[level],
         cap_y=cap_y,

@@ -197,6 +197,33 @@ def check_pyramid(
     return features, boxes, strides
 
 
+def check_valid_hw(valid_hw: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    """Checks an optional integer `valid_hw` of the given `shape`; returns it as int32.
+
+    Raises TypeError for non-integers and ValueError (printing the shape) for
+    another shape.
+    """
+    if valid_hw is None:
+        return None
+    valid_hw = jnp.asarray(valid_hw)
+    if not jnp.issubdtype(valid_hw.dtype, jnp.integer):
+        raise TypeError(f"valid_hw must be integers, got dtype {valid_hw.dtype}")
+    if valid_hw.shape != tuple(shape):
+        raise ValueError(f"valid_hw must have shape {tuple(shape)}, got {valid_hw.shape}")
+    return valid_hw.astype(jnp.int32)
+
+
+def level_extents(valid_hw: jax.Array, stride: int, level_hw: tuple[int, int]) -> jax.Array:
+    """`(..., 2)` extent of a level of `stride` and size `level_hw` within `valid_hw`.
+
+    `ceil(valid_hw / stride)` (torchvision's feature size on a batch padded to
+    `valid_hw`; exact for a `valid_hw` that `stride` divides), clamped to
+    `[1, level_hw]`.
+    """
+    extent = -(-valid_hw // stride)
+    return jnp.clip(extent, 1, jnp.asarray(level_hw, jnp.int32))
+
+
 def check_roi_inputs(features: Any, boxes: Any, box_indices: Any) -> tuple[Any, Any, Any]:
     """Checks the three input forms of `roi_align` and `roi_pool`; returns them as arrays.
 
