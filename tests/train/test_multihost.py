@@ -155,13 +155,26 @@ def copy_run(source, destination, step: int):
     return destination
 
 
-def signal_once_training(workdir, sig, *, targets: tuple[int, ...]):
+def signal_once_training(workdir, sig, *, targets: tuple[int, ...], after_a_step: bool = False):
     """``signal_when`` for `run_processes`: ``sig`` to ``targets`` once process 0 has
-    restored the state (the train log's first record), before the first step."""
+    restored the state (the train log's first record), before the first step; with
+    ``after_a_step``, once it has logged a step's loss (the run must log every step).
+
+    A step's loss is the moment every process is inside the training loop: it took
+    an all-reduce with all of them, and the loop's Ctrl-C handler is installed
+    before its first step (a SIGINT before that is a plain KeyboardInterrupt).
+    """
+
+    def ready() -> bool:
+        if not os.path.exists(workdir / TRAIN_LOG):
+            return False
+        with open(workdir / TRAIN_LOG) as f:
+            lines = [line for line in f.read().splitlines() if line.endswith("}")]
+        return any('"loss"' in line for line in lines) if after_a_step else bool(lines)
 
     def send(procs):
         deadline = time.monotonic() + 600
-        while not os.path.exists(workdir / TRAIN_LOG) or not os.path.getsize(workdir / TRAIN_LOG):
+        while not ready():
             assert all(p.poll() is None for p in procs), "a process ended before training"
             assert time.monotonic() < deadline, "no training within 600 s"
             time.sleep(0.02)
@@ -316,3 +329,127 @@ def test_an_unreachable_coordinator_is_named(runner, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not reach the coordinator at 127.0.0.1:"), last
     assert f"127.0.0.1:{port}" in last and "within 5 s" in last, last
+
+
+# One step: from the same initialization, one step's parameters differ by float
+# rounding (3e-8 here) whatever the layout. Later steps do not: measured with
+# `EQUIVALENCE`, each of 1 device, 1 x 4 jit, 1 x 4 pmap and 2 x 2 pmap parts from
+# the others by 3e-4 to 4e-4 at step 2 or 3 (losses equal to 7 digits until then),
+# reaching 2e-3 to 4e-3 at step 6: rounding-level differences flip a non-smooth
+# choice (a ReLU's sign, a max-pool window's maximum) and its gradient with it.
+PMAP_EQUIVALENCE = {
+    **EQUIVALENCE,
+    "num_train_steps": 1,
+    "checkpoint_every_steps": 1,
+    "eval_every_steps": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(runner, tmp_path_factory):
+    """The `PMAP_EQUIVALENCE` run of 1 process on 4 devices (jit), trained once per module."""
+    workdir = tmp_path_factory.mktemp("one_process_4_devices")
+    runner.run(workdir, env=devices_env(4), **PMAP_EQUIVALENCE)
+    with open(workdir / TRAIN_LOG) as f:
+        start = json.loads(f.readline())
+    # train.py picks its own CPU device count unless told: this run must be 1 x 4.
+    assert (start["processes"], start["devices"], start["parallelism"]) == (1, 4, "jit"), start
+    return workdir
+
+
+def final_params(workdir) -> list[np.ndarray]:
+    _, _, variables, restored = evaluate.load_trained(str(workdir))
+    assert restored == PMAP_EQUIVALENCE["num_train_steps"]
+    return jax.tree.leaves(jax.device_get(variables["params"]))
+
+
+@pytest.mark.slow
+def test_pmap_across_processes_trains_as_jit_in_one(runner, one_process_run, tmp_path):
+    # 2 processes x 2 devices with pmap (each pmaps over its own devices, gradients
+    # pmean'ed over all four) train as 1 process x 4 devices with jit.
+    workdir = tmp_path / "pmap_2x2"
+    port = free_port()
+    commands = [
+        runner.command(workdir, **PMAP_EQUIVALENCE, parallelism="pmap") + process_flags(port, i)
+        for i in range(2)
+    ]
+    results = run_processes(commands, devices=2)
+    for i, (code, stderr) in enumerate(results):
+        assert code == 0, f"pmap process {i} failed:\n{stderr[-5000:]}"
+    with open(workdir / TRAIN_LOG) as f:
+        start = json.loads(f.readline())
+    assert (start["processes"], start["devices"], start["parallelism"]) == (2, 4, "pmap"), start
+    assert jax.device_count() == 1  # Both restore here, on one device.
+    pmapped, jitted = final_params(workdir), final_params(one_process_run)
+    for ours, ref in zip(pmapped, jitted, strict=True):
+        np.testing.assert_allclose(ours, ref, **CLOSE)
+    # Evaluated by both processes (the pmap state made one array over all devices).
+    assert last_eval(workdir)["eval"]["loss"] == pytest.approx(
+        last_eval(one_process_run)["eval"]["loss"], rel=1e-5
+    )
+
+
+# Long enough that a signal sent after the first logged step stops the run well
+# before its end; one checkpoint, at the stop or the end. The programs are those
+# of `EQUIVALENCE` on 2 x 2 devices (its schedule is constant), compiled once per
+# session for every test here (the JAX compilation cache, see conftest.py).
+SIGNALLED = {
+    **EQUIVALENCE,
+    "num_train_steps": 30,
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 30,
+    "eval_every_steps": 30,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig, targets",
+    [
+        pytest.param(signal.SIGTERM, (0, 1), id="sigterm_to_all"),
+        pytest.param(signal.SIGINT, (1,), id="ctrl_c_in_one"),
+    ],
+)
+def test_a_signal_mid_training_stops_every_process_at_one_step(runner, tmp_path, sig, targets):
+    workdir = tmp_path / "w"
+
+    def commands():
+        port = free_port()
+        return [runner.command(workdir, **SIGNALLED) + process_flags(port, i) for i in range(2)]
+
+    results = run_processes(
+        commands(),
+        devices=2,
+        signal_when=signal_once_training(workdir, sig, targets=targets, after_a_step=True),
+    )
+    with open(workdir / TRAIN_LOG) as f:
+        records = [json.loads(line) for line in f]
+    first_logged = min(r["step"] for r in records if "loss" in r)
+    step = stopped_at(results[0][1])
+    assert stopped_at(results[1][1]) == step, results[1][1][-5000:]
+    assert first_logged < step < SIGNALLED["num_train_steps"], (first_logged, step)
+    stop = records[-1]
+    assert stop["event"] == "preempted" and stop["step"] == step, stop
+    # Every process took part in one checkpoint, at the agreed step.
+    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints")) == [step]
+
+    for i, (code, stderr) in enumerate(results):
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        if sig == signal.SIGINT and i in targets:
+            # A person stopped the run: that process says so, once, and exits 130.
+            assert code == 130, f"process {i} exited {code}:\n{stderr[-5000:]}"
+            assert len(errors) == 1 and f"at step {step}" in errors[0], stderr[-5000:]
+        else:
+            assert code == 0, f"process {i} exited {code}:\n{stderr[-5000:]}"
+            assert errors == [], stderr[-5000:]
+    if sig == signal.SIGTERM:
+        # JAX's runtime, not jfcnn's handler, received the SIGTERM: no time is known.
+        assert stop["signal"] == "SIGTERM" and stop["seconds_after_signal"] is None, stop
+        # The same commands again resume at the stop and train to the end.
+        results = run_processes(commands(), devices=2)
+        for i, (code, stderr) in enumerate(results):
+            assert code == 0, f"resumed process {i} failed:\n{stderr[-5000:]}"
+        assert f"Resuming from the checkpoint at step {step}" in results[0][1]
+        assert f"step {SIGNALLED['num_train_steps']}/" in results[0][1]
+        steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints"))
+        assert steps == [step, SIGNALLED["num_train_steps"]]
