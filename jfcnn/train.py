@@ -261,11 +261,22 @@ class PmapParallelism:
 
 def get_parallelism(config: ml_collections.ConfigDict):
     parallelism = JitParallelism() if config.parallelism == "jit" else PmapParallelism()
-    per_process = config.batch_size // jax.process_count()
-    if config.batch_size % jax.process_count() or per_process % parallelism.num_devices:
+    # The global batch: each process reads batch_size / process_count examples and
+    # splits them over its local devices, so every device of every process gets
+    # the same share (jit's global device count, pmap's local one, alike).
+    devices, processes = jax.device_count(), jax.process_count()
+    if config.batch_size % devices or config.batch_size % processes:
+        where = f"{devices} devices" + (f" in {processes} processes" if processes > 1 else "")
         raise ConfigError(
             f"Config key `batch_size` is {config.batch_size}; with {config.parallelism} on "
-            f"{jax.device_count()} devices it must be a multiple of {jax.device_count()}."
+            f"{where} it must be a multiple of {devices}."
+        )
+    if (config.batch_size // processes) % jax.local_device_count():
+        raise ConfigError(
+            f"Config key `batch_size` is {config.batch_size}; each of the {processes} "
+            f"processes gets {config.batch_size // processes} examples, which its "
+            f"{jax.local_device_count()} devices cannot share equally; use processes with "
+            "the same number of devices."
         )
     return parallelism
 

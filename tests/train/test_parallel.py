@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -71,3 +72,34 @@ def _initial_params(runner, tmp_path):
     tx, _ = train_lib.create_optimizer(config)
     state = create_train_state(task, tx, jax.random.PRNGKey(config.seed))
     return jax.tree.leaves(jax.device_get(state.params))
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+@pytest.mark.parametrize(
+    "processes, local_devices, batch_size, error",
+    [
+        (2, 4, 8, None),  # The README's 2 x 4 command: one example per device.
+        (2, 4, 16, None),
+        (1, 8, 8, None),
+        (2, 4, 12, "must be a multiple of 8"),
+        (2, 4, 4, "must be a multiple of 8"),
+        (1, 2, 3, "must be a multiple of 2"),
+    ],
+)
+def test_batch_size_is_global_across_processes(
+    monkeypatch, parallelism, processes, local_devices, batch_size, error
+):
+    """A global batch divisible by every device of every process is accepted (it
+    used to be refused on 2 x 4 devices at batch 8, each process's 4 examples
+    being checked against all 8 devices)."""
+    from jfcnn.errors import ConfigError
+
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    monkeypatch.setattr(jax, "local_device_count", lambda: local_devices)
+    monkeypatch.setattr(jax, "device_count", lambda: processes * local_devices)
+    config = ml_collections.ConfigDict({"parallelism": parallelism, "batch_size": batch_size})
+    if error is None:
+        assert train_lib.get_parallelism(config).name == parallelism
+    else:
+        with pytest.raises(ConfigError, match=error):
+            train_lib.get_parallelism(config)
