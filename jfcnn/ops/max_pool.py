@@ -68,26 +68,38 @@ def _window_max(windows: jax.Array) -> jax.Array:
     return windows.max(axis=(2, 4))
 
 
+def _first_max(windows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each window's maximum and the row-major position of its first maximum
+    (of its first NaN, if any), found in one pass over the window."""
+    kh, kw = windows.shape[2], windows.shape[4]
+    best, where = (
+        windows[:, :, 0, :, 0],
+        jnp.zeros(windows.shape[:2] + windows.shape[3:4] + windows.shape[5:], jnp.int32),
+    )
+    for k in range(1, kh * kw):
+        value = windows[:, :, k // kw, :, k % kw]
+        later = (value > best) | (jnp.isnan(value) & ~jnp.isnan(best))
+        best = jnp.where(later, value, best)
+        where = jnp.where(later, k, where)
+    return best, where
+
+
 def _window_max_fwd(windows):
-    out = windows.max(axis=(2, 4))
-    return out, (windows, out)
+    # The gradient's position is chosen here, with the maximum, not by comparing
+    # the input with the maximum afterwards: XLA may recompute a fused input with
+    # other rounding, and an equality test would then find no maximum at all.
+    out, where = _first_max(windows)
+    return out, (where, windows.shape)
 
 
 def _window_max_bwd(residuals, g):
-    windows, out = residuals
-    kh, kw = windows.shape[2], windows.shape[4]
-    taken = jnp.zeros(out.shape, bool)
-    rows = []
-    for i in range(kh):
-        row = []
-        for j in range(kw):
-            value = windows[:, :, i, :, j]
-            # The first maximum in row-major order; NaN compares unequal to the
-            # NaN maximum, so its first NaN.
-            first = ((value == out) | jnp.isnan(value)) & ~taken
-            taken = taken | first
-            row.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
-        rows.append(jnp.stack(row, axis=3))  # (B, OH, OW, KW, C)
+    where, shape = residuals
+    kh, kw = shape[2], shape[4]
+    zero = jnp.zeros((), g.dtype)
+    rows = [
+        jnp.stack([jnp.where(where == i * kw + j, g, zero) for j in range(kw)], axis=3)
+        for i in range(kh)
+    ]  # Each (B, OH, OW, KW, C).
     return (jnp.stack(rows, axis=2),)  # (B, OH, KH, OW, KW, C)
 
 
