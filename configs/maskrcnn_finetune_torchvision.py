@@ -35,53 +35,16 @@ together. Data as in ``configs/maskrcnn_coco_json.py``.
 import ml_collections
 
 from configs import maskrcnn_coco_json
+from jfcnn import convert
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = maskrcnn_coco_json.get_config()
 
-    # jfcnn.convert's model fields (jfcnn/convert.py, maskrcnn_config): torchvision's
-    # maskrcnn_resnet50_fpn with its inference settings.
-    config.model = ml_collections.ConfigDict(
-        {
-            "name": "maskrcnn",
-            "roi_heads": "fpn",
-            "depth": 50,
-            "stage_sizes": None,  # (3, 4, 6, 3) for ResNet-50.
-            "width": 64,
-            "norm": "frozen_batch",
-            "frozen_batch_norm": True,
-            "norm_epsilon": 0.0,  # The published v1 file's; 1e-5 for a current state dict.
-            "backbone_weights": None,  # The whole model comes from the work directory.
-            "trainable_backbone_layers": 3,  # res3..res5 train, as in torchvision.
-            "fpn_channels": 256,
-            "fpn_in_features": ("res2", "res3", "res4", "res5"),
-            "anchor_sizes": ((32,), (64,), (128,), (256,), (512,)),
-            "aspect_ratios": (0.5, 1.0, 2.0),
-            "rpn_pre_nms_top_n_train": 2000,
-            "rpn_pre_nms_top_n_test": 1000,
-            "rpn_post_nms_top_n_train": 2000,
-            "rpn_post_nms_top_n_test": 1000,
-            "rpn_nms_threshold": 0.7,
-            "roi_batch_size_per_image": 512,
-            "roi_positive_fraction": 0.25,
-            "mask_rois_per_image": 128,
-            "box_pool_size": 7,
-            "mask_pool_size": 14,
-            "sampling_ratio": 2,
-            "roi_align": "gather",
-            "roi_align_aligned": False,  # torchvision's v1 detectors: no half-pixel shift.
-            "box_head_dim": 1024,
-            "mask_head_channels": 256,
-            "mask_head_convs": 4,
-            "box_score_threshold": 0.05,
-            "box_nms_threshold": 0.5,
-            "detections_per_image": 100,
-            "mask_threshold": 0.5,
-            "mask_paste": "torchvision",
-            "dtype": "float32",
-        }
-    )
+    # The converted model's fields, from the function that writes them into a
+    # converted work directory's config.json: torchvision's maskrcnn_resnet50_fpn
+    # with its inference settings (norm_epsilon 0: the published v1 file's).
+    config.model = convert.maskrcnn_config(norm_epsilon=0.0).model
 
     data = config.data  # coco_json: the four file keys of configs/maskrcnn_coco_json.py.
     data.resize = "torchvision"  # GeneralizedRCNNTransform's resize, as the model saw COCO.
