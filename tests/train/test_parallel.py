@@ -103,3 +103,14 @@ def test_batch_size_is_global_across_processes(
     else:
         with pytest.raises(ConfigError, match=error):
             train_lib.get_parallelism(config)
+
+
+def test_processes_with_unequal_devices_are_named(monkeypatch):
+    from jfcnn.errors import ConfigError
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 3)  # And 5 in the other process.
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    config = ml_collections.ConfigDict({"parallelism": "jit", "batch_size": 8})
+    with pytest.raises(ConfigError, match="its 3 devices cannot share equally; use processes"):
+        train_lib.get_parallelism(config)
