@@ -408,6 +408,40 @@ def test_training_mask_logits_are_the_inference_ones_of_the_same_boxes(config):
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_C4], ids=["fpn", "c4"])
+def test_inference_masks_are_the_detected_class_of_all_class_logits(config):
+    # Inference computes only each detection's class map, and skips groups of
+    # 25 detection slots with no valid detection in any image: the result must
+    # be the detected class's channel of the full K-class logits, zeros elsewhere.
+    model = MaskRCNN(num_classes=3, **dict(config, detections_per_image=60))
+    images, _ = _toy_batch()
+    variables = _random_params(_init(model, images), seed=5)
+    rng = np.random.default_rng(0)
+    corner = rng.uniform(0, 40, (2, 60, 2))
+    boxes = jnp.asarray(np.concatenate([corner, corner + rng.uniform(4, 24, (2, 60, 2))], -1))
+    classes = jnp.asarray(rng.integers(1, 3, (2, 60)), jnp.int32)
+    valid = np.zeros((2, 60), bool)
+    valid[0, :30] = True  # Slot groups 0-24 and 25-49 hold detections, 50-59 none.
+    valid[1, :3] = True
+    valid = jnp.asarray(valid)
+
+    def both(m, x):
+        _, pool_maps = m._features(x, train=False)
+        grouped = m.heads._detection_mask_logits(pool_maps, boxes, classes, valid, None)
+        return grouped, m.heads.mask_predictions(pool_maps, boxes, False)
+
+    grouped, all_classes = jax.jit(lambda v, x: model.apply(v, x, method=both))(variables, images)
+    assert grouped.shape == (2, 60, model.mask_size, model.mask_size)
+    expected = np.take_along_axis(
+        np.asarray(all_classes), np.asarray(classes)[..., None, None, None], -1
+    )[..., 0]
+    np.testing.assert_allclose(grouped[:, :50], expected[:, :50], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(grouped[:, 50:], 0.0)  # The skipped group.
+    probs = mask_rcnn_inference(grouped, None, valid)
+    reference = mask_rcnn_inference(all_classes, classes, valid)
+    np.testing.assert_allclose(probs, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_C4], ids=["fpn", "c4"])
 def test_training_lowers_the_loss_and_inference_is_consistent(config):
     model = MaskRCNN(num_classes=3, **config)
     images, targets = _toy_batch()

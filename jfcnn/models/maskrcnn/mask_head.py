@@ -1,7 +1,8 @@
 """The mask head: its layers, its loss and its inference (detectron2's ``mask_head.py``).
 
 * :class:`MaskHead`: ``num_convs`` 3x3 convs, a 2x transposed conv and a 1x1
-  conv to one mask logit map per class.
+  conv to one mask logit map per class (or, at inference, only to the map
+  of each ROI's detected class).
 * :func:`mask_rcnn_loss`: per-pixel binary cross-entropy of the ground-truth
   class's channel against targets cropped from the instance masks by ROI
   Align (:func:`jfcnn.ops.detection.crop_mask_targets`), on positive ROIs.
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax.linen.dtypes import promote_dtype
 
 from jfcnn.models.layers import ConvTranspose
 from jfcnn.models.maskrcnn.common import Dtype, select_class
@@ -30,13 +32,39 @@ from jfcnn.ops.detection import crop_mask_targets
 _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class ClassConv(nn.Module):
+    """A 1x1 convolution to one map per class; given classes, only each input's own map.
+
+    ``nn.Conv(K, (1, 1))``'s parameters (``kernel`` ``(1, 1, C, K)``,
+    ``bias`` ``(K,)``). ``(N, H, W, C)`` -> ``(N, H, W, K)``, or with
+    ``classes`` ``(N,)`` -> ``(N, H, W)``: the ``classes[n]`` map of input
+    ``n``, without computing the other ``K - 1`` (detection keeps one class
+    per box, so inference needs 1/K of the full product).
+    """
+
+    features: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if classes is None:
+            return jnp.einsum("nhwc,ck->nhwk", x, kernel[0, 0]) + bias
+        weights = jnp.take(kernel[0, 0], classes, axis=1)  # (C, N)
+        return jnp.einsum("nhwc,cn->nhw", x, weights) + jnp.take(bias, classes)[:, None, None]
+
+
 class MaskHead(nn.Module):
     """``num_convs`` 3x3 convs + ReLU, a 2x transposed conv + ReLU, a 1x1 conv per class.
 
     With ``num_convs=4`` this is the FPN mask head (14x14 -> 28x28); with
     ``num_convs=0`` the C4 one (applied to res5's 7x7 output -> 14x14).
 
-    Shapes: ``(N, P, P, C)`` -> ``(N, 2P, 2P, K)`` float32 logits.
+    Shapes: ``(N, P, P, C)`` -> ``(N, 2P, 2P, K)`` float32 logits; with
+    ``classes`` ``(N,)``, ``(N, 2P, 2P)``: only each ROI's ``classes[n]`` map.
     Params: ``conv1`` .. ``conv{num_convs}``, ``deconv`` (kernel ``(2, 2, C, channels)``),
     ``predictor`` (kernel ``(1, 1, channels, K)``).
     """
@@ -47,7 +75,7 @@ class MaskHead(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
         for i in range(self.num_convs):
             x = nn.Conv(
                 self.channels,
@@ -67,13 +95,12 @@ class MaskHead(nn.Module):
             name="deconv",
         )(x)
         x = nn.relu(x)
-        logits = nn.Conv(
+        logits = ClassConv(
             self.num_classes,
-            (1, 1),
             kernel_init=nn.initializers.normal(0.001),
             dtype=self.dtype,
             name="predictor",
-        )(x)
+        )(x, classes)
         return logits.astype(jnp.float32)
 
 
@@ -116,13 +143,17 @@ def mask_rcnn_loss(
     return loss, num_positive.astype(jnp.float32)
 
 
-def mask_rcnn_inference(mask_logits: jax.Array, classes: jax.Array, valid: jax.Array) -> jax.Array:
+def mask_rcnn_inference(
+    mask_logits: jax.Array, classes: jax.Array | None, valid: jax.Array
+) -> jax.Array:
     """Mask probabilities ``(B, D, S, S)`` of each detection's class; zeros where not ``valid``.
 
     Args:
-      mask_logits: ``(B, D, S, S, K)`` float32 logits.
-      classes: ``(B, D)`` int detected classes.
+      mask_logits: ``(B, D, S, S, K)`` float32 logits of every class, or
+        ``(B, D, S, S)`` of the detected class already (``classes`` None).
+      classes: ``(B, D)`` int detected classes, or None.
       valid: ``(B, D)`` bool.
     """
-    probs = jax.nn.sigmoid(select_class(mask_logits, classes[..., None, None]))
-    return jnp.where(valid[..., None, None], probs, 0.0)
+    if classes is not None:
+        mask_logits = select_class(mask_logits, classes[..., None, None])
+    return jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)

@@ -56,6 +56,8 @@ ROI_ALIGN_MODES = ("gather", "dense")
 ROI_POOLERS = ("align", "pool")
 # The box head's deltas are weighted (10, 10, 5, 5), as torchvision's ROI heads' BoxCoder.
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# Detection slots per mask-head call at inference (a group with no detection is skipped).
+MASK_SLOT_GROUP = 25
 
 
 class FastRCNNPredictor(nn.Module):
@@ -258,9 +260,17 @@ class ROIHeads(nn.Module):
         raise NotImplementedError
 
     def mask_predictions(
-        self, maps, boxes: jax.Array, train: bool, valid_hw: jax.Array | None = None
+        self,
+        maps,
+        boxes: jax.Array,
+        train: bool,
+        valid_hw: jax.Array | None = None,
+        classes: jax.Array | None = None,
     ) -> jax.Array:
-        """Mask logits ``(B, N, S, S, K)`` of ``(B, N, 4)`` boxes (``valid_hw`` as above)."""
+        """Mask logits ``(B, N, S, S, K)`` of ``(B, N, 4)`` boxes (``valid_hw`` as above).
+
+        With ``classes`` ``(B, N)``: ``(B, N, S, S)``, each box's class only.
+        """
         raise NotImplementedError
 
     def training_predictions(self, maps, rois: jax.Array, num_mask_rois: int, train: bool):
@@ -404,14 +414,43 @@ class ROIHeads(nn.Module):
         boxes, scores, classes, valid = jax.vmap(detections_of)(
             class_logits, box_deltas, proposals, proposal_valid, image_sizes
         )
-        mask_logits = self.mask_predictions(maps, boxes, train, padded_sizes)
+        mask_logits = self._detection_mask_logits(maps, boxes, classes, valid, padded_sizes)
         return {
             "boxes": boxes,
             "scores": scores,
             "classes": classes,
             "detection_valid": valid,
-            "mask_probs": mask_rcnn_inference(mask_logits, classes, valid),
+            "mask_probs": mask_rcnn_inference(mask_logits, None, valid),
         }
+
+    def _detection_mask_logits(self, maps, boxes, classes, valid, valid_hw) -> jax.Array:
+        """Mask logits ``(B, D, S, S)`` of the detected classes, zeros for empty slot groups.
+
+        The detection slots go through the mask head in groups of
+        ``MASK_SLOT_GROUP``; a group without a valid detection in any image is
+        skipped (``nn.cond``), so an image with few detections does not pay
+        the mask head for all ``D`` slots. Detections fill the first slots,
+        so the skipped groups are the last ones.
+        """
+        b, d = boxes.shape[:2]
+        if d <= MASK_SLOT_GROUP:
+            return self.mask_predictions(maps, boxes, False, valid_hw, classes)
+        size = self.mask_size
+
+        def masks(module, maps, boxes, classes, valid_hw):
+            return module.mask_predictions(maps, boxes, False, valid_hw, classes)
+
+        groups = []
+        for start in range(0, d, MASK_SLOT_GROUP):
+            part = slice(start, min(start + MASK_SLOT_GROUP, d))
+            shape = (b, part.stop - part.start, size, size)
+
+            def empty(module, maps, boxes, classes, valid_hw, shape=shape):
+                return jnp.zeros(shape, jnp.float32)
+
+            operands = (maps, boxes[:, part], classes[:, part], valid_hw)
+            groups.append(nn.cond(jnp.any(valid[:, part]), masks, empty, self, *operands))
+        return jnp.concatenate(groups, axis=1)
 
 
 class StandardROIHeads(ROIHeads):
@@ -491,9 +530,10 @@ class StandardROIHeads(ROIHeads):
         logits, deltas = self.box_branch(self._pool(maps, boxes, self.box_pool_size, valid_hw))
         return logits.reshape(b, n, -1), deltas.reshape(b, n, -1, 4)
 
-    def mask_predictions(self, maps, boxes, train, valid_hw=None):
+    def mask_predictions(self, maps, boxes, train, valid_hw=None, classes=None):
         b, n = boxes.shape[:2]
-        logits = self.mask_branch(self._pool(maps, boxes, self.mask_pool_size, valid_hw))
+        pooled = self._pool(maps, boxes, self.mask_pool_size, valid_hw)
+        logits = self.mask_branch(pooled, None if classes is None else classes.reshape(-1))
         return logits.reshape(b, n, *logits.shape[1:])
 
     def training_predictions(self, maps, rois, num_mask_rois, train):
@@ -588,17 +628,18 @@ class Res5ROIHeads(ROIHeads):
         logits, deltas = self.box_predictor(jnp.mean(features, axis=(1, 2)))
         return logits.reshape(b, n, -1), deltas.reshape(b, n, -1, 4)
 
-    def _predict_masks(self, features: jax.Array, b: int, n: int):
-        logits = self.mask_branch(features)
+    def _predict_masks(self, features: jax.Array, b: int, n: int, classes=None):
+        logits = self.mask_branch(features, None if classes is None else classes.reshape(-1))
         return logits.reshape(b, n, *logits.shape[1:])
 
     def box_predictions(self, maps, boxes, train, valid_hw=None):
         b, n = boxes.shape[:2]
         return self._predict_boxes(self._res5_features(maps, boxes, train, valid_hw), b, n)
 
-    def mask_predictions(self, maps, boxes, train, valid_hw=None):
+    def mask_predictions(self, maps, boxes, train, valid_hw=None, classes=None):
         b, n = boxes.shape[:2]
-        return self._predict_masks(self._res5_features(maps, boxes, train, valid_hw), b, n)
+        features = self._res5_features(maps, boxes, train, valid_hw)
+        return self._predict_masks(features, b, n, classes)
 
     def training_predictions(self, maps, rois, num_mask_rois, train):
         b, r = rois.shape[:2]
