@@ -1,17 +1,28 @@
 """Mask R-CNN ResNet-50-FPN inference: a converted jfcnn model against torchvision's own.
 
-torchvision's ``maskrcnn_resnet50_fpn`` (random weights unless ``--weights``,
-batch-norm statistics calibrated on a random image) runs in eval mode on
-an image of ``--height x --width`` (COCO size by default: 800 x 1333, which
-torchvision's transform keeps and pads to 800 x 1344); the same weights,
-converted by ``jfcnn.weights.maskrcnn_variables`` into the model
-``python -m jfcnn.convert`` writes, run under ``jit`` on the same image on an
-800 x 1344 canvas with ``image_sizes`` (torchvision's inference semantics).
+torchvision's ``maskrcnn_resnet50_fpn`` runs in eval mode on a ``--height x
+--width`` photo (COCO size by default: 800 x 1333, which torchvision's
+transform keeps and pads to 800 x 1344); the same weights, converted by
+``jfcnn.weights.maskrcnn_variables`` into the model ``python -m jfcnn.convert``
+writes, run under ``jit`` on the same image on an 800 x 1344 canvas with
+``image_sizes`` (torchvision's inference semantics).
+
+The weights are ``--weights`` (a ``maskrcnn_resnet50_fpn`` state dict), or
+without it random ones, built as the parity tests build them
+(``tests/torchvision_maskrcnn.py``): batch-norm statistics calibrated on
+photos and heads that give confident, distinct scores, so both models find
+their 100 detections as the COCO weights do on a busy photo. ``--heads=random``
+keeps torchvision's random heads instead: every score is under the 0.05
+threshold, so torchvision stops after the box head (no mask head, nothing to
+paste) while jfcnn's static shapes still run every detection slot. The
+detection counts are printed.
+
 Both use every CPU thread; repeats alternate between the two and the medians
 are compared, so load from other processes hits both alike. Compile time is
 reported on its own.
 
     python benchmarks/maskrcnn_infer.py
+    python benchmarks/maskrcnn_infer.py --heads=random
     python benchmarks/maskrcnn_infer.py --height=480 --width=640 --repeats=3
 """
 
@@ -28,10 +39,13 @@ import numpy as np
 import torch  # Before TensorFlow (imported by jfcnn.convert): the other order can crash.
 import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # torchvision_maskrcnn: the parity tests' model
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from torchvision_maskrcnn import build_torchvision_model, photo  # noqa: E402
 
 from jfcnn import convert, tasks, weights  # noqa: E402
 from jfcnn.models.maskrcnn import IMAGE_MEAN, MaskRCNN  # noqa: E402
@@ -43,12 +57,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--repeats", type=int, default=5, help="Timed runs per framework.")
     parser.add_argument("--weights", default=None, help="A maskrcnn_resnet50_fpn state dict.")
+    parser.add_argument(
+        "--heads",
+        choices=("confident", "random"),
+        default="confident",
+        help="Without --weights: the parity tests' confident heads, or torchvision's random ones.",
+    )
     return parser.parse_args(argv)
 
 
-def torch_model(weights_path: str | None):
+def torch_model(weights_path: str | None, heads: str):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+    if heads == "confident" and not weights_path:
+        return build_torchvision_model(min_size=800, max_size=1333).eval()
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     if weights_path:
@@ -71,7 +93,7 @@ def main(argv=None) -> None:
         f"torch {torch.__version__} torchvision {torchvision.__version__} jax {jax.__version__}, "
         f"{os.cpu_count()} CPU threads, image {args.height} x {args.width}"
     )
-    tv = torch_model(args.weights)
+    tv = torch_model(args.weights, args.heads)
     state = {k: v.numpy() for k, v in tv.state_dict().items()}
     config = convert.maskrcnn_config(norm_epsilon=1e-5)
     task = tasks.get_task(config, convert.coco_metadata())
@@ -81,8 +103,7 @@ def main(argv=None) -> None:
     )
     variables = jax.tree.map(jnp.asarray, weights.maskrcnn_variables(state, expected))
 
-    rng = np.random.default_rng(0)
-    image = rng.uniform(0, 1, (args.height, args.width, 3)).astype(np.float32)
+    image = photo(args.height, args.width, seed=3)
     image_t = torch.from_numpy(image).permute(2, 0, 1)
     with torch.no_grad():
         resized = tv.transform.resize(image_t, None)[0]
@@ -113,6 +134,10 @@ def main(argv=None) -> None:
         return time.perf_counter() - start
 
     first = {"jfcnn": run_jfcnn(), "torchvision": run_torch()}
+    with torch.no_grad():
+        tv_count = len(tv([image_t])[0]["scores"])
+    jfcnn_count = int(np.asarray(forward(variables, canvas, sizes)["detection_valid"]).sum())
+    print(f"detections: jfcnn {jfcnn_count}, torchvision {tv_count}")
     times: dict[str, list[float]] = {"jfcnn": [], "torchvision": []}
     for _ in range(args.repeats):
         times["jfcnn"].append(run_jfcnn())

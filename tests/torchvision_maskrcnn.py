@@ -36,13 +36,13 @@ def photo(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(image, 0, 1).astype(np.float32)
 
 
-def build_torchvision_model(seed: int = 0):
+def build_torchvision_model(seed: int = 0, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE):
     """``maskrcnn_resnet50_fpn`` with calibrated batch norm and confident, distinct heads."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     torch.manual_seed(seed)
     model = maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, min_size=MIN_SIZE, max_size=MAX_SIZE
+        weights=None, weights_backbone=None, min_size=min_size, max_size=max_size
     )
     backbone = model.backbone.body
     with torch.no_grad():
