@@ -75,8 +75,10 @@ def time_bare(predictor: predict.Predictor, num_images: int) -> float:
     batches = -(-num_images // batch_size)
     canvases = np.random.default_rng(1).random((batch_size, size, size, 3), np.float32)
     canvases = jax.device_put(canvases, predictor._batch_sharding)
+    sizes = np.full((batch_size, 2), size, np.int32)  # Each canvas filled.
+    sizes = jax.device_put(sizes, predictor._batch_sharding)
     start = time.perf_counter()
-    outputs = [predictor._forward(predictor._variables, canvases) for _ in range(batches)]
+    outputs = [predictor._forward(predictor._variables, canvases, sizes) for _ in range(batches)]
     jax.block_until_ready(outputs)
     return num_images / (time.perf_counter() - start)
 
@@ -101,7 +103,7 @@ def host_costs(predictor: predict.Predictor, files, out_dir: str) -> dict[str, f
         t1 = time.perf_counter()
         fitted = predictor._fit_one(predict.Prediction(file.path, image=image))
         t2 = time.perf_counter()
-        host = jax.device_get(predictor._dispatch([fitted.canvas]))
+        host = jax.device_get(predictor._dispatch([fitted]))
         t3 = time.perf_counter()
         fitted.prediction.result = predictor._map_back(fitted, host, 0, full_masks=False)
         t4 = time.perf_counter()
