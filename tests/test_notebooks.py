@@ -79,10 +79,12 @@ def kernel_spec_dir(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, kernel_spec_dir, monkeypatch):
+def test_notebook_runs(name, kernel_spec_dir, monkeypatch, tmp_path):
     path = os.path.join(NOTEBOOK_DIR, name)
     nb = nbformat.read(path, as_version=4)
     monkeypatch.setenv("JFCNN_NOTEBOOK_FAST", "1")
+    # The notebooks' scratch directories (tempfile.mkdtemp) go where pytest removes them.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JUPYTER_PATH", kernel_spec_dir)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # jfcnn importable from the kernel even without an editable install.
