@@ -41,6 +41,16 @@ compiled function, so any mix of image sizes compiles once; decoding and
 fitting run in a thread pool ahead of the model, and mapping back and
 writing overlap the next batch.
 
+Several processes (hosts) share the work when started like ``train.py`` (see
+`jfcnn.distributed`: ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` on every command, or nothing on Cloud TPU, SLURM and Open
+MPI), each with the same INPUTs and the same ``--output``, a directory every
+process can write (a shared file system): process ``i`` predicts every
+``N``-th file from the ``i``-th on, on its own devices, and writes its
+pictures; process 0 then writes the one ``predictions.json`` of all the
+files, in input order, as one process would have written it. Every process
+exits with status 1 if any file could not be read.
+
 From Python (a notebook, a service)::
 
     predictor = jfcnn.predict.Predictor("runs/unet")
@@ -72,7 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from jfcnn import evaluate, visualize
+from jfcnn import distributed, evaluate, visualize
 from jfcnn import train_state as state_lib
 from jfcnn.data import images as images_lib
 from jfcnn.data import pipeline
@@ -186,14 +196,18 @@ class Predictor:
         batch_size: int = 8,
         workers: int | None = None,
     ):
-        """Restores ``workdir`` (latest checkpoint unless ``step``) on this machine's devices.
+        """Restores ``workdir`` (latest checkpoint unless ``step``) on this process's devices.
+
+        In a multi-process run (`jfcnn.distributed`) every process must create
+        its predictor (the checkpoint is read together); each then predicts on
+        its own devices alone.
 
         Args:
           workdir: a training run's work directory.
           step: the checkpoint step to use (default: the latest).
           score_threshold: instance detections scoring below it are dropped.
           batch_size: images per model call (rounded up to a multiple of the
-            device count); the last batch of a call is padded to it.
+            process's device count); the last batch of a call is padded to it.
           workers: host threads that decode, fit and map back images (default:
             the CPU count, at most 8).
 
@@ -219,9 +233,18 @@ class Predictor:
         if self._torchvision is not None:
             pipeline.check_torchvision_resize(self.config.data)
         self._pass_sizes = self._torchvision is not None and self.task_name == "instance"
-        devices = jax.device_count()
-        self.batch_size = -(-batch_size // devices) * devices
+        devices = jax.local_devices()
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
         self._mesh = state_lib.data_mesh()
+        if jax.process_count() > 1:
+            # Each process predicts its own images on its own devices: no collective
+            # per batch, so processes whose shares differ (image sizes, unreadable
+            # files, batch counts) never wait for one another.
+            self._mesh = jax.sharding.Mesh(np.asarray(devices), (state_lib.DATA_AXIS,))
+            local = state_lib.replicated(self._mesh)
+            variables = jax.tree.map(
+                lambda x: jax.device_put(x.addressable_data(0), local), variables
+            )
         self._batch_sharding = state_lib.batch_sharded(self._mesh)
         self._variables = variables
         self._forward = jax.jit(self._make_forward())
@@ -713,27 +736,48 @@ def predict_to_directory(
     Writing runs on a thread pool while the model works on the next batch.
     ``on_error`` receives one message per unreadable file (default: an
     ``error:`` line on stderr); ``overlay=False`` writes no ``_overlay.png``.
+
+    In a multi-process run every process calls it with the same ``files``
+    and ``out_dir`` (a directory they share) and predicts its share,
+    ``files[jax.process_index()::jax.process_count()]``; process 0 writes
+    the predictions.json of all of them, as one process would have written
+    it, and the count returned is that of all processes.
+
+    Raises:
+      UserError: an output would replace an input; in a multi-process run,
+        processes given other files, or an ``out_dir`` not shared by all.
     """
     from tqdm import tqdm
 
     _check_no_input_overwritten(files, out_dir, overlay=overlay)
+    index, count = jax.process_index(), jax.process_count()
+    if count > 1:
+        _check_same_files(files)
+    share = list(files)[index::count]
     os.makedirs(out_dir, exist_ok=True)
-    bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
+    bar = tqdm(
+        total=len(share),
+        unit="img",
+        disable=not progress or index != 0,  # Process 0 shows its share's progress.
+        file=sys.stderr,
+        smoothing=0.1,
+    )
     if on_error is None:
         on_error = lambda message: bar.write(f"error: {message}", file=sys.stderr)
-    by_path = {f.path: f for f in files}
+    by_path = {f.path: f for f in share}
     errors = 0
-    entries: list[dict[str, Any]] = []
-    writes: collections.deque = collections.deque()
+    per_file: list[list[dict[str, Any]]] = []  # Each file's predictions.json entries, in order.
+    writes: collections.deque = collections.deque()  # None for an unreadable file.
     # As many writers as predictor threads: drawing and compressing (zlib releases the
     # GIL) cost more than decoding and fitting.
     threads = max(2, predictor._workers)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jfcnn-write") as writer:
-        paths = [f.path for f in files]
+        paths = [f.path for f in share]
         for prediction in predictor.predict_files(paths, full_masks=False):
             if prediction.error is not None:
                 errors += 1
                 on_error(str(prediction.error))
+                writes.append(None)
             else:
                 file = by_path[prediction.source]
                 writes.append(
@@ -744,18 +788,80 @@ def predict_to_directory(
             # Finished writes release their images; at most two batches wait to be
             # written, so memory stays bounded when writing is the slower side. Taking
             # them in order keeps predictions.json in input order.
-            while writes and (writes[0].done() or len(writes) > 2 * predictor.batch_size):
-                entries += writes.popleft().result()
+            while writes and (
+                writes[0] is None or writes[0].done() or len(writes) > 2 * predictor.batch_size
+            ):
+                done = writes.popleft()
+                per_file.append(done.result() if done is not None else [])
             bar.update(1)
         while writes:
-            entries += writes.popleft().result()
+            done = writes.popleft()
+            per_file.append(done.result() if done is not None else [])
     bar.close()
+    path = os.path.join(out_dir, PREDICTIONS_FILE)
     if predictor.task_name == "instance":
-        path = os.path.join(out_dir, PREDICTIONS_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(entries, f)
-        os.replace(path + ".tmp", path)
+        if count == 1:
+            _write_json(path, [entry for entries in per_file for entry in entries])
+        else:
+            _write_json(_part_path(path, index, count), per_file)
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        # Every process waits here until all have written their parts.
+        errors = int(np.sum(multihost_utils.process_allgather(np.int32(errors))))
+        if index == 0 and predictor.task_name == "instance":
+            _merge_parts(path, len(files), count)
     return errors
+
+
+def _write_json(path: str, value: Any) -> None:
+    """Writes ``value`` to ``path`` atomically: never half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def _part_path(path: str, index: int, count: int) -> str:
+    """Where process ``index`` of ``count`` leaves its share of the predictions.json at ``path``."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.part{index}-of-{count}")
+
+
+def _check_same_files(files: Sequence[InputFile]) -> None:
+    """Stops every process of a multi-process run unless all were given the same files."""
+    from jax.experimental import multihost_utils
+
+    listing = "\n".join(f"{f.path}\t{f.file_name}\t{f.stem}" for f in files).encode()
+    checksums = multihost_utils.process_allgather(np.uint32(zlib.crc32(listing)))
+    if len(set(checksums.tolist())) > 1:
+        raise UserError(
+            "the processes of this run found different image files to predict (process "
+            f"{jax.process_index()} found {len(files)}): start every process with the same "
+            "INPUTs, on a file system they all share."
+        )
+
+
+def _merge_parts(path: str, num_files: int, count: int) -> None:
+    """Writes the predictions.json at ``path`` from the parts of ``count`` processes."""
+    parts = []
+    for index in range(count):
+        part = _part_path(path, index, count)
+        try:
+            with open(part) as f:
+                parts.append(json.load(f))
+        except FileNotFoundError:
+            raise UserError(
+                f"{part} is missing: process {index} wrote its predictions elsewhere. Pass "
+                "every process the same --output directory, on a file system they all share."
+            ) from None
+        if len(parts[-1]) != len(range(index, num_files, count)):
+            raise UserError(f"{part} does not hold process {index}'s share of the files.")
+    entries = []
+    for position in range(num_files):  # Back in input order: file k was process k % count's.
+        entries += parts[position % count][position // count]
+    _write_json(path, entries)
+    for index in range(count):
+        os.remove(_part_path(path, index, count))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -772,7 +878,8 @@ def main(argv: Sequence[str]) -> None:
     if not files:
         print("error: no image files to predict.", file=sys.stderr)
         sys.exit(1)
-    with cli.exit_on_user_error():
+    with cli.exit_on_user_error(), distributed.exit_on_peer_failure():
+        distributed.initialize_from_flags()
         predictor = Predictor(
             FLAGS.workdir,
             step=FLAGS.step,
@@ -780,15 +887,16 @@ def main(argv: Sequence[str]) -> None:
             batch_size=FLAGS.batch_size,
         )
     try:
-        with predictor, cli.exit_on_user_error():
+        with predictor, cli.exit_on_user_error(), distributed.exit_on_peer_failure():
             errors = predict_to_directory(
                 predictor, files, FLAGS.output, overlay=not FLAGS.no_overlay
             )
     except OSError as e:
         print(f"error: could not write to {FLAGS.output} ({e.strerror or e}).", file=sys.stderr)
         sys.exit(1)
-    written = len(files) - errors
-    print(f"Wrote the predictions of {written} image(s) to {FLAGS.output}")
+    written = len(files) - errors  # Of all processes.
+    if jax.process_index() == 0:
+        print(f"Wrote the predictions of {written} image(s) to {FLAGS.output}")
     if errors or problems:
         sys.exit(1)
 
@@ -804,5 +912,6 @@ if __name__ == "__main__":
         "score_threshold", 0.05, "Instance task: detections scoring below it are dropped."
     )
     flags.DEFINE_bool("no_overlay", False, "Write no <stem>_overlay.png pictures (faster).")
+    distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
     FLAGS = flags.FLAGS
     app.run(main)
