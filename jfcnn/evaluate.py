@@ -77,7 +77,8 @@ def run_evaluation(
             for key, value in batch.items()
             if key not in HOST_ONLY_KEYS
         }
-        outputs = eval_step(variables, device_batch)
+        with jax.set_mesh(mesh):  # Per-image ops on each device's own images (jfcnn.ops).
+            outputs = eval_step(variables, device_batch)
         if jax.process_count() > 1:
             # Every process scores the whole global batch, so each holds the metrics of
             # the whole split (every example once) and process 0 writes them.

@@ -427,7 +427,8 @@ class Predictor:
         sizes[: len(fitted)] = np.stack([f.resized_size for f in fitted])
         batch = jax.device_put(batch, self._batch_sharding)
         sizes = jax.device_put(sizes, self._batch_sharding)
-        return self._forward(self._variables, batch, sizes)
+        with jax.set_mesh(self._mesh):  # Per-image ops on each device's own images (jfcnn.ops).
+            return self._forward(self._variables, batch, sizes)
 
 
 def _chunks(fitted: Iterator[_Fitted], size: int) -> Iterator[list[_Fitted]]:

@@ -206,7 +206,15 @@ class JitParallelism:
         )
 
     def compile_step(self, step_fn):
-        return jax.jit(step_fn, donate_argnums=0)
+        jitted = jax.jit(step_fn, donate_argnums=0)
+
+        def step(*args):
+            # With the mesh set, per-image ops run on each device's own images
+            # (jfcnn.ops: ROI Align's gather kernels, which XLA cannot partition).
+            with jax.set_mesh(self.mesh):
+                return jitted(*args)
+
+        return step
 
     def put_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)

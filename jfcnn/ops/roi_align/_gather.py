@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jfcnn.ops._util import check_int, pair
+from jfcnn.ops._util import check_int, over_batch_shards, pair
 from jfcnn.ops.roi_align._geometry import (
     MULTILEVEL_MAX_SAMPLING_RATIO,
     check_pyramid,
@@ -179,18 +179,19 @@ def roi_align(
     if box_indices is not None and index_mode == "raise":
         if not isinstance(box_indices, jax.core.Tracer):
             _check_indices(np.asarray(box_indices), features.shape[0])
-    return _roi_align_impl(
-        features,
-        boxes,
-        box_indices,
-        spatial_scale,
-        valid_hw,
+    impl = functools.partial(
+        _roi_align_impl,
         output_size=output_size,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         max_sampling_ratio=max_sampling_ratio,
         fill=index_mode != "clip",
     )
+    if box_indices is None and features.ndim == 4:  # Per image: each device its own.
+        return over_batch_shards(
+            lambda f, b, v: impl(f, b, None, spatial_scale, v), features, boxes, valid_hw
+        )
+    return impl(features, boxes, box_indices, spatial_scale, valid_hw)
 
 
 _INDEX_MODES = ("clip", "fill", "raise")
@@ -332,10 +333,8 @@ def multilevel_roi_align(
     features, boxes, strides = check_pyramid(features, boxes, strides)
     valid_hw = check_valid_hw(valid_hw, (boxes.shape[0], 2))
 
-    return _multilevel_impl(
-        tuple(features),
-        boxes,
-        valid_hw,
+    impl = functools.partial(
+        _multilevel_impl,
         output_size=output_size,
         strides=strides,
         sampling_ratio=sampling_ratio,
@@ -343,6 +342,7 @@ def multilevel_roi_align(
         canonical_scale=canonical_scale,
         canonical_level=canonical_level,
     )
+    return over_batch_shards(impl, tuple(features), boxes, valid_hw)
 
 
 @functools.partial(
