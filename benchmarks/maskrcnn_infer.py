@@ -11,18 +11,19 @@ The weights are ``--weights`` (a ``maskrcnn_resnet50_fpn`` state dict), or
 without it random ones, built as the parity tests build them
 (``tests/torchvision_maskrcnn.py``): batch-norm statistics calibrated on
 photos and heads that give confident, distinct scores, so both models find
-their 100 detections as the COCO weights do on a busy photo. ``--heads=random``
-keeps torchvision's random heads instead: every score is under the 0.05
-threshold, so torchvision stops after the box head (no mask head, nothing to
-paste) while jfcnn's static shapes still run every detection slot. The
-detection counts are printed.
+their 100 detections on the photo as the COCO weights do on a busy one.
+``--heads=random`` keeps torchvision's random heads (the backbone calibrated
+on a random image). ``--image=noise`` feeds uniform noise instead of the
+photo: with random heads no score reaches the 0.05 threshold, so torchvision
+skips the mask head and pasting, and jfcnn skips its empty detection slots.
+The detection counts are printed.
 
 Both use every CPU thread; repeats alternate between the two and the medians
 are compared, so load from other processes hits both alike. Compile time is
 reported on its own.
 
     python benchmarks/maskrcnn_infer.py
-    python benchmarks/maskrcnn_infer.py --heads=random
+    python benchmarks/maskrcnn_infer.py --heads=random --image=noise
     python benchmarks/maskrcnn_infer.py --height=480 --width=640 --repeats=3
 """
 
@@ -63,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="confident",
         help="Without --weights: the parity tests' confident heads, or torchvision's random ones.",
     )
+    parser.add_argument("--image", choices=("photo", "noise"), default="photo")
     return parser.parse_args(argv)
 
 
@@ -103,7 +105,11 @@ def main(argv=None) -> None:
     )
     variables = jax.tree.map(jnp.asarray, weights.maskrcnn_variables(state, expected))
 
-    image = photo(args.height, args.width, seed=3)
+    if args.image == "photo":
+        image = photo(args.height, args.width, seed=3)
+    else:
+        image = np.random.default_rng(0).uniform(0, 1, (args.height, args.width, 3))
+        image = image.astype(np.float32)
     image_t = torch.from_numpy(image).permute(2, 0, 1)
     with torch.no_grad():
         resized = tv.transform.resize(image_t, None)[0]
