@@ -75,20 +75,29 @@ def over_batch_shards(fn: Callable[..., Any], *batched: Any) -> Any:
 
     ``batched``: pytrees of arrays whose leading axis is the batch (or None);
     ``fn`` maps images independently and returns arrays with the same leading
-    axis. Under ``jax.set_mesh(mesh)`` (a ``jit`` data-parallel step) with
-    more than one device, ``fn`` runs in ``jax.shard_map`` over every mesh
-    axis, each device on its own images. Without it XLA's partitioner, which
-    cannot see that a gather by computed image index stays within an image,
-    puts all-gathers inside the gather kernels' loops: a Mask R-CNN step on 2
-    devices took 100x as long as on one. Outside a mesh (one device, ``pmap``,
-    eager) or when the batch does not divide over the devices, ``fn(*batched)``.
+    axis. Under ``jax.set_mesh(mesh)`` (a ``jit`` data-parallel step) whose
+    axes are all ``Auto`` (as ``jax.sharding.Mesh`` makes them) and hold more
+    than one device, ``fn`` runs in ``jax.shard_map`` with the batch split
+    over every axis, each device on its own images. Without it XLA's
+    partitioner, which cannot see that a gather by computed image index stays
+    within an image, puts all-gathers inside the gather kernels' loops: a Mask
+    R-CNN step on 2 devices took 100x as long as on one. Otherwise (no mesh,
+    one device, inside ``pmap`` or ``shard_map``, whose axes are ``Manual``,
+    an ``Explicit`` mesh, or a batch that does not divide over the devices):
+    ``fn(*batched)``.
     """
     import jax
-    from jax.sharding import PartitionSpec
+    from jax.sharding import AxisType, PartitionSpec
 
     mesh = jax.sharding.get_abstract_mesh()
     leaves = [x for x in jax.tree.leaves(batched) if x is not None]
-    if mesh.empty or mesh.size == 1 or not leaves or leaves[0].shape[0] % mesh.size:
+    if (
+        mesh.empty
+        or mesh.size == 1
+        or any(t != AxisType.Auto for t in mesh.axis_types)
+        or not leaves
+        or leaves[0].shape[0] % mesh.size
+    ):
         return fn(*batched)
     spec = PartitionSpec(tuple(mesh.axis_names))
     return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(*batched)

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jfcnn.ops._util import over_batch_shards
 from jfcnn.ops.boxes import clip_boxes, decode_boxes, min_size_mask
 from jfcnn.ops.nms import batched_nms
 from jfcnn.ops.roi_align import roi_align
@@ -465,17 +466,22 @@ def crop_mask_targets(
         raise ValueError(f"boxes must have shape ({b}, R, 4), got {boxes.shape}")
     if gt_index.shape != boxes.shape[:2]:
         raise ValueError(f"gt_index must have shape {boxes.shape[:2]}, got {gt_index.shape}")
-    canvas = instance_masks.reshape(b * m, h, w, 1).astype(jnp.float32)
-    image = (jnp.arange(b, dtype=jnp.int32)[:, None] * m + gt_index.astype(jnp.int32)).reshape(-1)
-    soft = roi_align(
-        canvas,
-        boxes.reshape(-1, 4).astype(jnp.float32),
-        output_size,
-        box_indices=image,
-        sampling_ratio=sampling_ratio,
-        aligned=True,
-    )
-    soft = soft.reshape(*boxes.shape[:2], *soft.shape[1:3])
+
+    def crop(instance_masks, boxes, gt_index):
+        b = instance_masks.shape[0]  # The images of this device (over_batch_shards).
+        canvas = instance_masks.reshape(b * m, h, w, 1).astype(jnp.float32)
+        image = jnp.arange(b, dtype=jnp.int32)[:, None] * m + gt_index.astype(jnp.int32)
+        soft = roi_align(
+            canvas,
+            boxes.reshape(-1, 4).astype(jnp.float32),
+            output_size,
+            box_indices=image.reshape(-1),
+            sampling_ratio=sampling_ratio,
+            aligned=True,
+        )
+        return soft.reshape(*boxes.shape[:2], *soft.shape[1:3])
+
+    soft = over_batch_shards(crop, instance_masks, boxes, gt_index)
     if threshold is None:
         return soft
     return (soft >= threshold).astype(jnp.float32)

@@ -170,12 +170,16 @@ def paste_region(
     if row0 >= row1 or col0 >= col1:
         return row0, col0, np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), np.uint8)
     # float32, as paste_masks computes on the device (and half the time of float64):
-    # the mask's columns first, (s, w), then each block of rows, (rows, w).
-    columns = mask_probs.astype(np.float32) @ wx.T.astype(np.float32)
+    # the mask's columns first, (s, w), then each block of rows, (rows, w). Blocks
+    # small enough that OpenBLAS computes each on the calling thread (m * n * k <=
+    # 2**18): its own threads, contending with the predictor's on a busy machine,
+    # made one large box cost ~10 ms instead of ~0.1.
+    probs, wx = mask_probs.astype(np.float32), wx.astype(np.float32)
+    step = max(1, 2**18 // (probs.shape[0] * probs.shape[1]))
+    columns = np.concatenate(
+        [probs @ wx[start : start + step].T for start in range(0, len(wx), step)], axis=1
+    )
     wy = wy.astype(np.float32)
-    # Blocks of rows small enough that OpenBLAS computes each on the calling thread
-    # (m * n * k <= 2**18): its own threads, contending with the predictor's on a busy
-    # machine, made one large box cost ~10 ms instead of ~0.1.
     rows = max(1, 2**18 // (mask_probs.shape[0] * max(wx.shape[0], mask_probs.shape[1])))
     crop = np.empty((row1 - row0, col1 - col0), np.uint8)
     for start in range(0, row1 - row0, rows):

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jfcnn.ops import multilevel_roi_align, roi_align
+    from jfcnn.ops.detection import crop_mask_targets
 
     assert jax.device_count() == 4, jax.devices()
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))  # As train.py makes it.
@@ -34,14 +35,19 @@ SCRIPT = textwrap.dedent(
     valid_hw = jnp.asarray(rng.integers(20, 33, (b, 2)), jnp.int32)
     weights = jnp.asarray(rng.normal(size=(b, n, 4, 4, 3)), jnp.float32)
 
-    def loss(maps, boxes, valid_hw):
+    def pool(maps, boxes, valid_hw):
         single = roi_align(maps[0], boxes, 4, spatial_scale=1.0, sampling_ratio=2,
                            valid_hw=valid_hw)
         multi = multilevel_roi_align(maps, boxes * 3.0, 4, strides=(4, 8), valid_hw=valid_hw)
+        return single, multi
+
+    def loss(maps, boxes, valid_hw):
+        single, multi = pool(maps, boxes, valid_hw)
         return jnp.sum(single * weights) + jnp.sum(multi * weights), (single, multi)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     reference = jax.device_get(step(maps, boxes, valid_hw))  # One device, no mesh.
+    reference_pooled = reference[0][1]
 
     sharded = NamedSharding(mesh, P("data"))
     args = jax.device_put((maps, boxes, valid_hw), sharded)
@@ -53,6 +59,27 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
     print("all-gathers with the mesh:", hlo.count("all-gather"))
     print("all-gathers without it:", hlo_no_mesh.count("all-gather"))
+
+    # Mask targets: ROI Align of each box's own instance mask (flat, by image index).
+    masks = jnp.asarray(rng.random((b, 3, 32, 32)) > 0.5, jnp.float32)
+    gt_index = jnp.asarray(rng.integers(0, 3, (b, n)), jnp.int32)
+    targets = jax.jit(lambda m, x, g: crop_mask_targets(m, x, g, 8))
+    reference = targets(masks, boxes, gt_index)
+    args = jax.device_put((masks, boxes, gt_index), sharded)
+    with jax.set_mesh(mesh):
+        hlo = targets.lower(*args).compile().as_text()
+        np.testing.assert_array_equal(targets(*args), reference)
+    print("mask-target all-gathers with the mesh:", hlo.count("all-gather"))
+
+    # Under pmap each device already holds its own images: 4 a device on 2 devices
+    # (a pmap axis of 2, which the 4 images would divide).
+    per_device = lambda x: x.reshape(2, b // 2, *x.shape[1:])
+    pooled = jax.pmap(pool, devices=jax.devices()[:2])(
+        jax.tree.map(per_device, maps), per_device(boxes), per_device(valid_hw)
+    )
+    for a, r in zip(pooled, reference_pooled):
+        np.testing.assert_allclose(a.reshape(r.shape), r, rtol=1e-5, atol=1e-5)
+    print("pmap: ok")
     """
 )
 
@@ -73,3 +100,5 @@ def test_batched_roi_align_runs_per_device_under_a_mesh():
     assert int(lines["all-gathers with the mesh"]) == 0, result.stdout
     # The premise: without the mesh, XLA gathers the maps across devices.
     assert int(lines["all-gathers without it"]) > 0, result.stdout
+    assert int(lines["mask-target all-gathers with the mesh"]) == 0, result.stdout
+    assert "pmap: ok" in result.stdout

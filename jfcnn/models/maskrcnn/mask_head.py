@@ -48,8 +48,9 @@ class ClassConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        shape = (1, 1, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if classes is None:
             return jnp.einsum("nhwc,ck->nhwk", x, kernel[0, 0]) + bias
