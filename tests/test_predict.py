@@ -569,3 +569,24 @@ def test_output_names_never_collide():
         assert stems == expected
         outputs = [name for stem in stems for name in (stem, f"{stem}_overlay")]
         assert len(set(outputs)) == len(outputs)
+
+
+def test_merged_parts_are_in_input_order_and_missing_or_wrong_parts_are_named(tmp_path):
+    # Process k of 2 predicted files k, k + 2, ...: each part holds one list per file.
+    path = str(tmp_path / "predictions.json")
+    for index, share in enumerate([[[{"f": 0}], [{"f": 2}]], [[{"f": 1}], []]]):
+        with open(predict._part_path(path, index, 2), "w") as f:
+            json.dump(share, f)
+    predict._merge_parts(path, 4, 2)
+    with open(path) as f:
+        assert [e["f"] for e in json.load(f)] == [0, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["predictions.json"]  # The parts are gone.
+
+    with open(predict._part_path(path, 0, 2), "w") as f:
+        json.dump([[], []], f)
+    with pytest.raises(predict.UserError, match=r"part1-of-2 is missing.*same --output"):
+        predict._merge_parts(path, 4, 2)
+    with open(predict._part_path(path, 1, 2), "w") as f:
+        json.dump([[]], f)  # One list for two files: a leftover of another run.
+    with pytest.raises(predict.UserError, match=r"part1-of-2 does not hold process 1's share"):
+        predict._merge_parts(path, 4, 2)
