@@ -149,6 +149,30 @@ def runner(shapes_data_dir) -> Runner:
     return Runner(shapes_data_dir)
 
 
+# The files that take minutes, longest first. xdist's ``--dist=loadfile`` hands
+# whole files to the workers in collection order, which puts tests/train (the
+# longest) last: one worker then ran a long file alone while the other idled.
+# Starting with the longest lets the short files fill the gaps at the end.
+LONGEST_FIRST = (
+    "train/test_multihost.py",
+    "train/test_instance.py",
+    "test_finetune.py",
+    "train/test_train.py",
+    "train/test_parallel.py",
+    "test_architecture.py",
+    "train/test_multihost_maskrcnn.py",
+    "test_notebooks.py",
+    "test_convert_evaluate.py",
+    "test_pretrained_training.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = os.path.join(ROOT, "tests")
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.relpath(item.path, tests), len(rank)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not os.environ.get("CI") or reporter is None:
