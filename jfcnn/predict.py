@@ -746,15 +746,65 @@ def predict_to_directory(
 
     Raises:
       UserError: an output would replace an input; in a multi-process run,
-        processes given other files, or an ``out_dir`` not shared by all.
+        processes given other files, an ``out_dir`` not shared by all, or
+        another process that stopped with an error (each process raises,
+        so every one of them exits, none waits for the others).
     """
-    from tqdm import tqdm
-
     _check_no_input_overwritten(files, out_dir, overlay=overlay)
     index, count = jax.process_index(), jax.process_count()
-    if count > 1:
-        _check_same_files(files)
-    share = list(files)[index::count]
+    if count == 1:
+        return _predict_share(predictor, files, out_dir, progress, on_error, overlay)
+    from jax.experimental import multihost_utils
+
+    _check_same_files(files)
+    # Whatever happens to its share, each process reaches the one collective
+    # below and tells the others: a process whose share fails makes every process
+    # stop with an error now, not when the others give up waiting for it.
+    failure: Exception | None = None
+    errors = 0
+    try:
+        share = list(files)[index::count]
+        errors = _predict_share(predictor, share, out_dir, progress, on_error, overlay)
+    except Exception as e:
+        failure = e
+    status = multihost_utils.process_allgather(np.array([errors, failure is not None], np.int32))
+    if failure is not None:
+        raise failure
+    failed = [i for i, (_, stopped) in enumerate(status.tolist()) if stopped]
+    if failed:
+        raise UserError(
+            f"process(es) {failed} of this run stopped with an error (their own output "
+            "names it), so some images have no predictions; fix it and rerun every process."
+        )
+    if predictor.task_name == "instance":
+        path = os.path.join(out_dir, PREDICTIONS_FILE)
+        merged: Exception | None = None
+        if index == 0:
+            try:
+                _merge_parts(path, len(files), count)
+            except Exception as e:
+                merged = e
+        if multihost_utils.broadcast_one_to_all(np.int32(merged is not None)):
+            if merged is not None:
+                raise merged
+            raise UserError(f"process 0 could not write {path} (its output names the problem).")
+    return int(status[:, 0].sum())
+
+
+def _predict_share(
+    predictor: Predictor,
+    share: Sequence[InputFile],
+    out_dir: str,
+    progress: bool,
+    on_error: Callable[[str], None] | None,
+    overlay: bool,
+) -> int:
+    """Predicts this process's ``share`` of the files into ``out_dir`` (an
+    instance task's entries into predictions.json, or in a multi-process run
+    this process's part of it); returns how many files could not be read."""
+    from tqdm import tqdm
+
+    index, count = jax.process_index(), jax.process_count()
     os.makedirs(out_dir, exist_ok=True)
     bar = tqdm(
         total=len(share),
@@ -805,13 +855,6 @@ def predict_to_directory(
             _write_json(path, [entry for entries in per_file for entry in entries])
         else:
             _write_json(_part_path(path, index, count), per_file)
-    if count > 1:
-        from jax.experimental import multihost_utils
-
-        # Every process waits here until all have written their parts.
-        errors = int(np.sum(multihost_utils.process_allgather(np.int32(errors))))
-        if index == 0 and predictor.task_name == "instance":
-            _merge_parts(path, len(files), count)
     return errors
 
 

@@ -590,3 +590,74 @@ def test_merged_parts_are_in_input_order_and_missing_or_wrong_parts_are_named(tm
         json.dump([[]], f)  # One list for two files: a leftover of another run.
     with pytest.raises(predict.UserError, match=r"part1-of-2 does not hold process 1's share"):
         predict._merge_parts(path, 4, 2)
+
+
+class _FakeProcesses:
+    """Process ``index`` of 2, with the collectives answered as ``peer`` would."""
+
+    def __init__(self, monkeypatch, index: int, *, peer_status, peer_checksum=None, merged=True):
+        from jax.experimental import multihost_utils
+
+        self.sent = []
+        mine = {}
+
+        def allgather(value):
+            value = np.asarray(value)
+            self.sent.append(value)
+            if value.shape == ():  # _check_same_files's checksum of the file list.
+                mine["checksum"] = value
+                theirs = value if peer_checksum is None else np.uint32(peer_checksum)
+                return np.stack([value, theirs][:: 1 if index == 0 else -1])
+            return np.stack([value, np.int32(peer_status)][:: 1 if index == 0 else -1])
+
+        def broadcast(value):  # Process 0's word: whether its merge failed.
+            return value if index == 0 else np.int32(not merged)
+
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+        monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+
+
+def _files(tmp_path, n=4):
+    return [predict.InputFile(str(tmp_path / f"{i}.png"), f"{i}.png", str(i)) for i in range(n)]
+
+
+def test_a_process_whose_share_fails_stops_every_process(tmp_path, monkeypatch):
+    instance_task = type("P", (), {"task_name": "instance"})()
+    files, out = _files(tmp_path), str(tmp_path / "out")
+    shares = []
+
+    def fails(predictor, share, *args):
+        shares.append([f.stem for f in share])
+        raise OSError(28, "No space left on device")
+
+    # The process that failed tells the others before it raises its own error...
+    fake = _FakeProcesses(monkeypatch, 1, peer_status=[0, 0])
+    monkeypatch.setattr(predict, "_predict_share", fails)
+    with pytest.raises(OSError, match="No space left"):
+        predict.predict_to_directory(instance_task, files, out)
+    assert shares == [["1", "3"]]  # Process 1 of 2: files 1, 3.
+    assert fake.sent[-1].tolist() == [0, 1]
+
+    # ...and the others stop too, naming it, instead of waiting for its part.
+    _FakeProcesses(monkeypatch, 0, peer_status=[0, 1])
+    monkeypatch.setattr(predict, "_predict_share", lambda *args: 1)
+    with pytest.raises(predict.UserError, match=r"process\(es\) \[1\] of this run stopped"):
+        predict.predict_to_directory(instance_task, files, out)
+
+    # Without failures the unreadable files of all processes are counted, and a merge
+    # that fails on process 0 stops the others as well.
+    _FakeProcesses(monkeypatch, 1, peer_status=[2, 0], merged=False)
+    with pytest.raises(predict.UserError, match="process 0 could not write"):
+        predict.predict_to_directory(instance_task, files, out)
+    _FakeProcesses(monkeypatch, 1, peer_status=[2, 0])
+    assert predict.predict_to_directory(instance_task, files, out) == 3
+
+
+def test_processes_given_other_files_are_stopped(tmp_path, monkeypatch):
+    files = _files(tmp_path)
+    for index in (0, 1):
+        _FakeProcesses(monkeypatch, index, peer_status=[0, 0], peer_checksum=12345)
+        with pytest.raises(predict.UserError, match=r"different image files.*same INPUTs"):
+            predict.predict_to_directory(None, files, str(tmp_path / "out"))
