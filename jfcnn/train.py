@@ -249,7 +249,12 @@ class PmapParallelism:
             state = jax.tree.map(
                 lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state
             )
-        return flax.jax_utils.replicate(state)
+        # One copy per local device, placed as pmap places its own inputs and
+        # outputs: a state placed otherwise is resharded by the first call, and
+        # the step (minutes for a large model) compiles twice, once per placement.
+        mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (PMAP_AXIS,))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(PMAP_AXIS))
+        return jax.device_put(flax.jax_utils.replicate(state), sharding)
 
     def unreplicate(self, state: TrainState) -> TrainState:
         state = flax.jax_utils.unreplicate(state)

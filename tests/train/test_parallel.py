@@ -114,3 +114,35 @@ def test_processes_with_unequal_devices_are_named(monkeypatch):
     config = ml_collections.ConfigDict({"parallelism": "jit", "batch_size": 8})
     with pytest.raises(ConfigError, match="its 3 devices cannot share equally; use processes"):
         train_lib.get_parallelism(config)
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+def test_the_step_compiles_once(parallelism):
+    """The state as ``put_state`` places it is placed as the step's own output, so
+    the step is traced and compiled once. (A pmap state placed by
+    ``flax.jax_utils.replicate`` was resharded by the first call and the step
+    traced and compiled again on the second: minutes for a large model.)"""
+    config = ml_collections.ConfigDict(
+        {"parallelism": parallelism, "batch_size": 2 * jax.device_count()}
+    )
+    wrapper = train_lib.get_parallelism(config)
+    traces = []
+
+    def step_fn(state, batch):
+        traces.append(1)
+        total = batch["x"].sum()
+        if wrapper.axis_name:
+            total = jax.lax.psum(total, wrapper.axis_name)
+        return jax.tree.map(lambda p: p + total, state), {"loss": total}
+
+    step = wrapper.compile_step(step_fn)
+    state = wrapper.put_state({"w": np.zeros(3, np.float32), "b": np.float32(1.0)})
+    batch = {"x": np.arange(config.batch_size, dtype=np.float32)}
+    for _ in range(3):
+        state, metrics = step(state, wrapper.put_batch(batch))
+    assert len(traces) == 1
+    total = float(batch["x"].sum())
+    assert wrapper.host_metrics(metrics)["loss"] == total
+    state = jax.device_get(wrapper.unreplicate(state))
+    np.testing.assert_array_equal(state["w"], np.full(3, 3 * total, np.float32))
+    assert state["b"] == 1 + 3 * total
