@@ -174,6 +174,15 @@ TORCHVISION_TINY = {
     "data.max_size": 64,
     "data.shuffle_buffer": 8,
     "data.max_instances": 8,
+    # The converted model's sampling sizes are for 800-pixel COCO images: on
+    # 64-pixel ones its 128 mask ROIs per image made a step 20 s of mask head.
+    "model.rpn_pre_nms_top_n_train": 256,
+    "model.rpn_post_nms_top_n_train": 256,
+    "model.rpn_pre_nms_top_n_test": 128,
+    "model.rpn_post_nms_top_n_test": 128,
+    "model.roi_batch_size_per_image": 64,
+    "model.mask_rois_per_image": 16,
+    "model.detections_per_image": 10,
     "batch_size": 2,
     "num_train_steps": 2,
     "log_every_steps": 1,
