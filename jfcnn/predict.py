@@ -787,7 +787,10 @@ def predict_to_directory(
         if multihost_utils.broadcast_one_to_all(np.int32(merged is not None)):
             if merged is not None:
                 raise merged
-            raise UserError(f"process 0 could not write {path} (its output names the problem).")
+            raise UserError(
+                f"process 0 could not write {path} (its output names the problem); "
+                "fix that and rerun every process."
+            )
     return int(status[:, 0].sum())
 
 

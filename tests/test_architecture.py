@@ -173,11 +173,17 @@ PRELOADS = {
     ),
 }
 
-_SERVER = """
+# Imports the modules named on its command line, prints what is loaded.
+_IMPORT = """
 import importlib, json, os, sys, traceback
 for name in sys.argv[1:]:
     importlib.import_module(name)
 print(json.dumps(sorted(sys.modules)), flush=True)
+"""
+# Then forks a child per module name read from stdin and prints what it loaded.
+_SERVER = (
+    _IMPORT
+    + """
 for line in sys.stdin:
     read, write = os.pipe()
     pid = os.fork()
@@ -197,6 +203,7 @@ for line in sys.stdin:
     status = os.waitpid(pid, 0)[1]
     print(out or json.dumps(f"the import killed the process (wait status {status})"), flush=True)
 """
+)
 
 
 def _preload(module: str) -> str | None:
@@ -222,12 +229,12 @@ def _import_all(preload: str | None, modules: list[str]) -> dict[str, list[str] 
         cwd=ROOT,
     )
     try:
-        preloaded = json.loads(server.stdout.readline())
+        preloaded = {m.split(".")[0] for m in json.loads(server.stdout.readline())}
+        assert "jfcnn" not in preloaded, preload
         found = {}
         for module in modules:
             forbidden = FORBIDDEN_LIBRARIES.get(_part(module), set())
-            assert not {m.split(".")[0] for m in preloaded} & forbidden, (preload, module)
-            assert not [m for m in preloaded if m.split(".")[0] == "jfcnn"], preloaded
+            assert not preloaded & forbidden, (preload, module)
             server.stdin.write(module + "\n")
             server.stdin.flush()
             found[module] = json.loads(server.stdout.readline())
@@ -239,7 +246,7 @@ def _import_all(preload: str | None, modules: list[str]) -> dict[str, list[str] 
 
 def _import_fresh(module: str) -> list[str] | str:
     result = subprocess.run(
-        [sys.executable, "-c", _SERVER.split("for line in")[0], module],
+        [sys.executable, "-c", _IMPORT, module],
         capture_output=True,
         text=True,
         cwd=ROOT,
