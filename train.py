@@ -15,7 +15,7 @@ cli.exit_unless_installed("train", "train.py")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jfcnn import distributed, train  # noqa: E402
+from jfcnn import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
@@ -28,6 +28,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
+    # Imported once the flags parsed: a mistyped key or value is reported at
+    # once, not after the seconds TensorFlow and JAX take to import.
+    from jfcnn import train
+
     with cli.exit_on_user_error(), distributed.exit_on_peer_failure():
         joined = distributed.initialize_from_flags()
         if not joined and FLAGS.config.task == "semantic":

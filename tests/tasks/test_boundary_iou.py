@@ -215,7 +215,8 @@ def test_task_eval_step_on_eight_devices():
     }
     test = f"{__file__}::test_task_eval_step_and_evaluator_report_boundary_iou"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        # -n0: the one test in this process, not in workers the addopts would start.
+        [sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", test],
         env=env,
         capture_output=True,
         text=True,
