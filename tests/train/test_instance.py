@@ -216,11 +216,11 @@ def test_c4_trains_end_to_end(runner, tmp_path):
     assert step == 4 and config.model.roi_heads == "c4" and task.model.mask_size == 14
 
 
-# Trains a few steps of the shrunken config on one of the faked devices, with
-# jit over all of them and with pmap over all of them, from the same state and
-# batch, and writes the losses and the largest parameter differences to a JSON
-# file. (Whole train.py runs on several devices are covered by
-# tests/train/test_parallel.py.)
+# Trains a few steps of the shrunken config on one of the faked devices, and with
+# each of the parallelisms named in argv[3] ("jit", "pmap") over all of them, from
+# the same state and batch, and writes the losses and the largest parameter
+# differences to a JSON file. (Whole train.py runs on several devices are covered
+# by tests/train/test_parallel.py.)
 _PARALLEL_DRIVER = """
 import ast, functools, json, sys
 import jax, numpy as np
@@ -234,7 +234,7 @@ metadata = data_lib.dataset_metadata(config)
 batch = next(data_lib.create_train_iterator(config, instances=True))
 rng = jax.random.PRNGKey(config.seed)
 runs = {}
-for name in ("one", "jit", "pmap"):
+for name in ("one", *sys.argv[3].split(",")):
     config.parallelism = "pmap" if name == "pmap" else "jit"
     parallelism = None if name == "one" else train.get_parallelism(config)
     axis_name = parallelism.axis_name if parallelism else None
@@ -259,7 +259,7 @@ for name in ("one", "jit", "pmap"):
     runs[name] = (losses, jax.tree.leaves(jax.device_get((state.params, state.model_state))))
 one_losses, reference = runs["one"]
 report = {"devices": jax.device_count(), "losses": {k: v[0] for k, v in runs.items()}}
-for name in ("jit", "pmap"):
+for name in sys.argv[3].split(","):
     pairs = list(zip(runs[name][1], reference, strict=True))
     report[name + "_max_abs"] = max(float(np.max(np.abs(a - b))) for a, b in pairs)
     report[name + "_max_rel"] = max(
@@ -276,8 +276,13 @@ PLAIN_SGD = {"optimizer": "sgd", "learning_rate": 0.02, "lr_schedule": "constant
 PARITY_SIZE = {"data.image_size": 32}
 
 
-@pytest.mark.parametrize("overrides", [{}, C4], ids=["fpn", "c4"])
-def test_jit_and_pmap_on_four_devices_match_one_device(maskrcnn, overrides, tmp_path):
+# ResNet-C4 under pmap only: jit partitions the same global-batch program
+# whatever the heads, while pmap's batch norm reduces over the named axis, which
+# the C4 design also uses in its ROI heads (res5, per ROI).
+@pytest.mark.parametrize(
+    "overrides, parallelisms", [({}, ("jit", "pmap")), (C4, ("pmap",))], ids=["fpn", "c4"]
+)
+def test_jit_and_pmap_on_four_devices_match_one_device(maskrcnn, overrides, parallelisms, tmp_path):
     # SGD: Adam's g / sqrt(v) turns summation-order noise in near-zero gradients
     # into full-size steps, which would hide real differences behind a loose tolerance.
     values = {
@@ -289,7 +294,14 @@ def test_jit_and_pmap_on_four_devices_match_one_device(maskrcnn, overrides, tmp_
     }
     assert ast.literal_eval(repr(values)) == values
     result = subprocess.run(
-        [sys.executable, "-c", _PARALLEL_DRIVER, repr(values), str(tmp_path / "report.json")],
+        [
+            sys.executable,
+            "-c",
+            _PARALLEL_DRIVER,
+            repr(values),
+            str(tmp_path / "report.json"),
+            ",".join(parallelisms),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -302,8 +314,9 @@ def test_jit_and_pmap_on_four_devices_match_one_device(maskrcnn, overrides, tmp_
     assert report["devices"] == maskrcnn.faked_devices
     losses = report["losses"]
     # Same per-example keys and per-image losses; only the order of sums differs.
-    np.testing.assert_allclose(losses["jit"], losses["one"], rtol=1e-5)
-    np.testing.assert_allclose(losses["pmap"], losses["one"], rtol=1e-5)
+    assert sorted(losses) == sorted(("one", *parallelisms))
+    for name in parallelisms:
+        np.testing.assert_allclose(losses[name], losses["one"], rtol=1e-5, err_msg=name)
     assert losses["one"][-1] < losses["one"][0]  # it trained
     # |ours - reference| <= 2e-4 |reference| + 2e-5 for every parameter and statistic.
-    assert report["jit_max_rel"] <= 1.0 and report["pmap_max_rel"] <= 1.0, report
+    assert all(report[name + "_max_rel"] <= 1.0 for name in parallelisms), report
