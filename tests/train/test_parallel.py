@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -116,33 +118,59 @@ def test_processes_with_unequal_devices_are_named(monkeypatch):
         train_lib.get_parallelism(config)
 
 
+# Counts the traces of a step over 3 calls on a state placed by `put_state`, and
+# prints them with the results as JSON. Run in a fresh process, as train.py is:
+# in a test worker that had run other files, pmap once traced a second time.
+_COUNT_TRACES = """
+import json, sys
+import jax, ml_collections, numpy as np
+from jfcnn import train as train_lib
+
+config = ml_collections.ConfigDict(
+    {"parallelism": sys.argv[1], "batch_size": 2 * jax.device_count()}
+)
+wrapper = train_lib.get_parallelism(config)
+traces = []
+
+def step_fn(state, batch):
+    traces.append(1)
+    total = batch["x"].sum()
+    if wrapper.axis_name:
+        total = jax.lax.psum(total, wrapper.axis_name)
+    return jax.tree.map(lambda p: p + total, state), {"loss": total}
+
+step = wrapper.compile_step(step_fn)
+state = wrapper.put_state({"w": np.zeros(3, np.float32), "b": np.float32(1.0)})
+batch = {"x": np.arange(config.batch_size, dtype=np.float32)}
+for _ in range(3):
+    state, metrics = step(state, wrapper.put_batch(batch))
+state = jax.device_get(wrapper.unreplicate(state))
+print(json.dumps({
+    "traces": len(traces),
+    "total": float(batch["x"].sum()),
+    "loss": float(wrapper.host_metrics(metrics)["loss"]),
+    "w": state["w"].tolist(),
+    "b": float(state["b"]),
+}))
+"""
+
+
 @pytest.mark.parametrize("parallelism", ["jit", "pmap"])
 def test_the_step_compiles_once(parallelism):
     """The state as ``put_state`` places it is placed as the step's own output, so
     the step is traced and compiled once. (A pmap state placed by
     ``flax.jax_utils.replicate`` was resharded by the first call and the step
     traced and compiled again on the second: minutes for a large model.)"""
-    config = ml_collections.ConfigDict(
-        {"parallelism": parallelism, "batch_size": 2 * jax.device_count()}
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_TRACES, parallelism],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"},  # Two devices, as on this CPU.
     )
-    wrapper = train_lib.get_parallelism(config)
-    traces = []
-
-    def step_fn(state, batch):
-        traces.append(1)
-        total = batch["x"].sum()
-        if wrapper.axis_name:
-            total = jax.lax.psum(total, wrapper.axis_name)
-        return jax.tree.map(lambda p: p + total, state), {"loss": total}
-
-    step = wrapper.compile_step(step_fn)
-    state = wrapper.put_state({"w": np.zeros(3, np.float32), "b": np.float32(1.0)})
-    batch = {"x": np.arange(config.batch_size, dtype=np.float32)}
-    for _ in range(3):
-        state, metrics = step(state, wrapper.put_batch(batch))
-    assert len(traces) == 1
-    total = float(batch["x"].sum())
-    assert wrapper.host_metrics(metrics)["loss"] == total
-    state = jax.device_get(wrapper.unreplicate(state))
-    np.testing.assert_array_equal(state["w"], np.full(3, 3 * total, np.float32))
-    assert state["b"] == 1 + 3 * total
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["traces"] == 1
+    total = report["total"]
+    assert report["loss"] == total
+    assert report["w"] == [3 * total] * 3 and report["b"] == 1 + 3 * total
