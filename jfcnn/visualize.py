@@ -180,12 +180,14 @@ def draw_instances(
     Letters: H, W image size, N instance slots.
 
     Instance slot ``n`` gets `instance_color` ``(n)``: its mask pixels are
-    blended with it, slot after slot, as Pillow blends (integers: with ``m =
-    round(255 * alpha)``, a channel value ``v`` becomes ``round((v * (255 - m)
-    + color * m) / 255)``), its box is
-    outlined in it and its label ("class" or "class score") is written in a box
-    of that color at the box's top-left corner. The picture is first enlarged
-    ``scale`` times (nearest neighbour) so that text stays legible on small images.
+    blended with it, its box is outlined in it and its label ("class" or
+    "class score") is written in a box of that color at the box's top-left
+    corner. A pixel is blended once, with the color of the first valid slot
+    whose mask covers it (detections come in descending score order, so where
+    masks overlap the most confident one shows), as Pillow blends: in integers,
+    with ``m = round(255 * alpha)`` a channel value ``v`` becomes ``round((v *
+    (255 - m) + color * m) / 255)``. The picture is first enlarged ``scale``
+    times (nearest neighbour) so that text stays legible on small images.
 
     Args:
       image: (H, W, 3) float in [0, 1] or uint8.
@@ -227,28 +229,33 @@ def draw_instances(
         raise ValueError(f"scale must be a positive integer, got {scale}")
     slots = [int(n) for n in np.flatnonzero(valid)]
 
-    # Pillow's masked paste blends in integers, a region at a time: a detection costs its
-    # mask's region, and the image is never converted to floats.
-    canvas = Image.fromarray(image8)
-    level = int(round(float(alpha) * 255))
-    for n in slots:
+    # Each pixel is tinted once, with the color of the first slot whose mask covers
+    # it: a map of priorities (the first slot highest, 0 for none) is the maximum
+    # of the masks times their slot's priority, a region each; then one masked
+    # paste blends the priorities' colors in integers.
+    dtype = np.uint8 if len(slots) < 256 else np.uint16
+    top = np.zeros((height, width), dtype)
+    for k, n in enumerate(slots):
         mask = np.asarray(masks[n])
-        if regions is not None:  # The mask's region is given: paste all of it.
-            top, bottom, left, right = (int(v) for v in regions[n])
-            if mask.shape != (bottom - top, right - left):  # A full mask, not its crop.
-                mask = mask[top:bottom, left:right]
-        else:  # Only the rows and columns the mask reaches.
-            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            if not len(rows):
-                continue
-            mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-            top, left = int(rows[0]), int(cols[0])
-        if not mask.size:
-            continue
-        weight = Image.fromarray(np.multiply(mask != 0, level, dtype=np.uint8))
-        # An image of the color pastes twice as fast as the color itself.
-        color = Image.new("RGB", weight.size, tuple(int(c) for c in instance_color(n)))
-        canvas.paste(color, (left, top), weight)
+        where = (slice(None), slice(None))
+        if regions is not None:  # The mask's region is given.
+            row0, row1, col0, col1 = (int(v) for v in regions[n])
+            where = (slice(row0, row1), slice(col0, col1))
+            if mask.shape != (row1 - row0, col1 - col0):  # A full mask, not its crop.
+                mask = mask[where]
+        np.maximum(top[where], np.multiply(mask != 0, len(slots) - k, dtype=dtype), out=top[where])
+    canvas = Image.fromarray(image8)
+    if slots:
+        colors = np.zeros((256 if dtype == np.uint8 else len(slots) + 1, 3), np.uint8)
+        colors[len(slots) : 0 : -1] = [instance_color(n) for n in slots]
+        if dtype == np.uint8:  # A palette image: Pillow looks the colors up.
+            tint = Image.frombytes("P", (width, height), top.tobytes())
+            tint.putpalette(colors.tobytes())
+            tint = tint.convert("RGB")
+        else:
+            tint = Image.fromarray(np.take(colors, top, axis=0))
+        weight = np.multiply(top != 0, int(round(float(alpha) * 255)), dtype=np.uint8)
+        canvas.paste(tint, (0, 0), Image.fromarray(weight))
     if scale > 1:
         canvas = canvas.resize((scale * width, scale * height), Image.NEAREST)
 

@@ -258,24 +258,27 @@ def test_semantic_overlay_legend_names_only_classes_present():
 
 
 def draw_loop(image8, masks, valid, alpha):
-    """The tint of `draw_instances` (scale 1) over the whole image, slot by slot.
+    """The tint of `draw_instances` (scale 1), written pixel by pixel from its definition.
 
-    Integer blending, as documented: weight ``m = round(255 alpha)``, each slot
-    rounds ``(v (255 - m) + color m) / 255``.
+    A pixel covered by a valid slot's mask takes the color of the first such
+    slot, blended once in integers: weight ``m = round(255 alpha)``, rounding
+    ``(v (255 - m) + color m) / 255``; other pixels keep their value.
     """
     tinted = image8.astype(np.int64)
     m = int(round(255 * alpha))
-    for n in np.flatnonzero(valid):
-        inside = masks[n].astype(bool)
-        color = visualize.instance_color(n).astype(np.int64)
-        blended = (tinted[inside] * (255 - m) + color * m) / 255.0
-        tinted[inside] = np.floor(blended + 0.5)  # Never a tie: 255 is odd.
+    for y in range(image8.shape[0]):
+        for x in range(image8.shape[1]):
+            covering = [n for n in np.flatnonzero(valid) if masks[n, y, x]]
+            if covering:
+                color = visualize.instance_color(covering[0]).astype(np.int64)
+                blended = (tinted[y, x] * (255 - m) + color * m) / 255.0
+                tinted[y, x] = np.floor(blended + 0.5)  # Never a tie: 255 is odd.
     return tinted.astype(np.uint8)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.35])
 def test_instance_tint_matches_the_whole_image_loop(alpha):
-    # Overlapping masks compound (each slot rounded); masks reach outside their
+    # Overlapping masks (the first slot's color shows); masks reach outside their
     # boxes, have holes, or are empty. Boxes and labels all sit in the top-left corner.
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
@@ -313,3 +316,16 @@ def test_instance_regions_only_narrow_the_search():
     np.testing.assert_array_equal(visualize.draw_instances(*args, regions=regions), want)
     # The tint really is drawn (not only the labels): compare with the whole-image loop.
     np.testing.assert_array_equal(want[:25], draw_loop(image, masks, np.ones(4, bool), 0.5)[:25])
+
+
+def test_more_than_255_slots_tint_as_the_loop():
+    # Over 255 drawn slots the map of priorities needs 16 bits (and no palette).
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)
+    masks = (rng.random((300, 12, 14)) < 0.01).astype(np.uint8)
+    valid = rng.random(300) < 0.95
+    assert valid.sum() > 255
+    boxes = np.tile([0.0, 0.0, 1.0, 1.0], (300, 1))
+    drawn = visualize.draw_instances(image, boxes, np.zeros(300, int), masks, valid, ["x"])
+    want = draw_loop(image, masks, valid, 0.5)
+    np.testing.assert_array_equal(drawn[:, 8:], want[:, 8:])  # Right of the labels.
