@@ -28,11 +28,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
-    # Imported once the flags parsed: a mistyped key or value is reported at
-    # once, not after the seconds TensorFlow and JAX take to import.
-    from jfcnn import train
-
     with cli.exit_on_user_error(), distributed.exit_on_peer_failure():
+        # Imported once the flags parsed: a mistyped key or value is reported at
+        # once, not after the seconds TensorFlow and JAX take to import.
+        from jfcnn import train
+
         joined = distributed.initialize_from_flags()
         if not joined and FLAGS.config.task == "semantic":
             # Alone on a CPU host, the U-Net trains on one device per core, the batch

@@ -233,28 +233,34 @@ def draw_instances(
     # it: a map of priorities (the first slot highest, 0 for none) is the maximum
     # of the masks times their slot's priority, a region each; then one masked
     # paste blends the priorities' colors in integers.
-    dtype = np.uint8 if len(slots) < 256 else np.uint16
-    top = np.zeros((height, width), dtype)
+    dtype = np.min_scalar_type(len(slots))  # uint8 up to 255 slots.
+    priority = np.zeros((height, width), dtype)
     for k, n in enumerate(slots):
         mask = np.asarray(masks[n])
         where = (slice(None), slice(None))
-        if regions is not None:  # The mask's region is given.
+        if regions is not None:  # The mask's region is given (clipped to the image).
             row0, row1, col0, col1 = (int(v) for v in regions[n])
-            where = (slice(row0, row1), slice(col0, col1))
-            if mask.shape != (row1 - row0, col1 - col0):  # A full mask, not its crop.
+            where = (slice(max(row0, 0), min(row1, height)), slice(max(col0, 0), min(col1, width)))
+            if mask.shape == (row1 - row0, col1 - col0):  # The region's crop.
+                mask = mask[
+                    where[0].start - row0 : where[0].stop - row0,
+                    where[1].start - col0 : where[1].stop - col0,
+                ]
+            else:  # A full mask.
                 mask = mask[where]
-        np.maximum(top[where], np.multiply(mask != 0, len(slots) - k, dtype=dtype), out=top[where])
+        inside = priority[where]
+        np.maximum(inside, np.multiply(mask != 0, len(slots) - k, dtype=dtype), out=inside)
     canvas = Image.fromarray(image8)
     if slots:
-        colors = np.zeros((256 if dtype == np.uint8 else len(slots) + 1, 3), np.uint8)
+        colors = np.zeros((max(256, len(slots) + 1), 3), np.uint8)
         colors[len(slots) : 0 : -1] = [instance_color(n) for n in slots]
         if dtype == np.uint8:  # A palette image: Pillow looks the colors up.
-            tint = Image.frombytes("P", (width, height), top.tobytes())
+            tint = Image.frombytes("P", (width, height), priority.tobytes())
             tint.putpalette(colors.tobytes())
             tint = tint.convert("RGB")
         else:
-            tint = Image.fromarray(np.take(colors, top, axis=0))
-        weight = np.multiply(top != 0, int(round(float(alpha) * 255)), dtype=np.uint8)
+            tint = Image.fromarray(np.take(colors, priority, axis=0))
+        weight = np.multiply(priority != 0, int(round(float(alpha) * 255)), dtype=np.uint8)
         canvas.paste(tint, (0, 0), Image.fromarray(weight))
     if scale > 1:
         canvas = canvas.resize((scale * width, scale * height), Image.NEAREST)

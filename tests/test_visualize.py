@@ -329,3 +329,19 @@ def test_more_than_255_slots_tint_as_the_loop():
     drawn = visualize.draw_instances(image, boxes, np.zeros(300, int), masks, valid, ["x"])
     want = draw_loop(image, masks, valid, 0.5)
     np.testing.assert_array_equal(drawn[:, 8:], want[:, 8:])  # Right of the labels.
+
+
+def test_regions_past_the_image_edge_are_clipped():
+    # A crop whose region runs past the image draws as its part inside the image.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    crop = (rng.random((20, 25)) < 0.7).astype(np.uint8)
+    region = np.array([[20, 40, -5, 20]])  # Rows 20..39 and columns -5..19.
+    boxes = np.array([[30.0, 0.0, 31.0, 1.0]])  # Label in the top-right corner.
+    args = (np.zeros(1, int), [crop], np.ones(1, bool), ["x"])
+    drawn = visualize.draw_instances(image, boxes, args[0], *args[1:], regions=region)
+    full = np.zeros((1, 30, 40), np.uint8)
+    full[0, 20:30, 0:20] = crop[:10, 5:]
+    want = draw_loop(image, full, np.ones(1, bool), 0.5)
+    np.testing.assert_array_equal(drawn[14:], want[14:])
+    np.testing.assert_array_equal(drawn[:, :25], want[:, :25])
