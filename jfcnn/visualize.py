@@ -237,18 +237,18 @@ def draw_instances(
     priority = np.zeros((height, width), dtype)
     for k, n in enumerate(slots):
         mask = np.asarray(masks[n])
-        where = (slice(None), slice(None))
-        if regions is not None:  # The mask's region is given (clipped to the image).
+        rows, cols = slice(0, height), slice(0, width)
+        if regions is not None:  # The mask's region is given: clip it to the image.
             row0, row1, col0, col1 = (int(v) for v in regions[n])
-            where = (slice(max(row0, 0), min(row1, height)), slice(max(col0, 0), min(col1, width)))
-            if mask.shape == (row1 - row0, col1 - col0):  # The region's crop.
+            rows = slice(max(row0, 0), min(row1, height))
+            cols = slice(max(col0, 0), min(col1, width))
+            if mask.shape == (row1 - row0, col1 - col0):  # The region's crop: its part inside.
                 mask = mask[
-                    where[0].start - row0 : where[0].stop - row0,
-                    where[1].start - col0 : where[1].stop - col0,
+                    rows.start - row0 : rows.stop - row0, cols.start - col0 : cols.stop - col0
                 ]
             else:  # A full mask.
-                mask = mask[where]
-        inside = priority[where]
+                mask = mask[rows, cols]
+        inside = priority[rows, cols]
         np.maximum(inside, np.multiply(mask != 0, len(slots) - k, dtype=dtype), out=inside)
     canvas = Image.fromarray(image8)
     if slots:

@@ -338,8 +338,9 @@ def test_regions_past_the_image_edge_are_clipped():
     crop = (rng.random((20, 25)) < 0.7).astype(np.uint8)
     region = np.array([[20, 40, -5, 20]])  # Rows 20..39 and columns -5..19.
     boxes = np.array([[30.0, 0.0, 31.0, 1.0]])  # Label in the top-right corner.
-    args = (np.zeros(1, int), [crop], np.ones(1, bool), ["x"])
-    drawn = visualize.draw_instances(image, boxes, args[0], *args[1:], regions=region)
+    drawn = visualize.draw_instances(
+        image, boxes, np.zeros(1, int), [crop], np.ones(1, bool), ["x"], regions=region
+    )
     full = np.zeros((1, 30, 40), np.uint8)
     full[0, 20:30, 0:20] = crop[:10, 5:]
     want = draw_loop(image, full, np.ones(1, bool), 0.5)
