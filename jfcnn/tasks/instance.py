@@ -34,6 +34,7 @@ import contextlib
 import copy
 import functools
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,15 +93,6 @@ def check_image_values(images: Any) -> np.ndarray:
     return images.astype(np.float32, copy=False)
 
 
-def _paste_weights(start: float, end: float, mask_size: int, first: int, stop: int) -> np.ndarray:
-    """``(stop - first, mask_size)`` bilinear weights of image pixels first..stop-1 along one
-    axis (the formula of ``jfcnn.ops.detection.paste_masks``)."""
-    length = max(end - start, 1e-6)
-    centers = np.arange(first, stop, dtype=np.float64) + 0.5
-    position = (centers - start) / length * mask_size - 0.5
-    return np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(mask_size)))
-
-
 def _torchvision_paste_weights(
     start: float, end: float, mask_size: int, length: int
 ) -> tuple[int, np.ndarray]:
@@ -133,6 +125,152 @@ def _torchvision_paste_weights(
     return first, weights[:, 1:-1]  # The padding cells hold zeros: dropped.
 
 
+def _pixel_taps(
+    starts: np.ndarray, ends: np.ndarray, firsts: np.ndarray, counts: np.ndarray, mask_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels ``first .. first + count - 1`` of each box along one axis, the boxes one after
+    another, as ``(index, frac)``: a pixel is ``(1 - frac) * padded[index] + frac *
+    padded[index + 1]`` of the mask zero-padded by one cell each side.
+
+    The weights of ``jfcnn.ops.detection.paste_masks``, ``max(0, 1 - |position -
+    j|)`` for cell ``j``: at most two neighbouring cells. A pixel more than a cell
+    outside the mask (all weights 0) reads a padding cell. ``index + frac`` never
+    decreases within a box.
+    """
+    offsets = np.cumsum(counts) - counts
+    centers = (np.arange(counts.sum()) - np.repeat(offsets - firsts, counts)).astype(np.float64)
+    centers += 0.5
+    lengths = np.maximum(ends - starts, 1e-6)
+    position = (centers - np.repeat(starts, counts)) / np.repeat(lengths, counts) * mask_size - 0.5
+    low = np.floor(position)
+    frac = position - low
+    frac[low < -1] = 0.0  # Before the mask: padded[0].
+    frac[low > mask_size - 1] = 1.0  # After it: padded[mask_size + 1].
+    np.clip(low + 1, 0, mask_size, out=low)
+    return low.astype(np.intp), frac
+
+
+def _paste_regions(
+    mask_probs: np.ndarray, boxes: np.ndarray, image_size: Sequence[int], threshold: float
+) -> list[tuple[int, int, np.ndarray]]:
+    """`paste_region` (``convention="centers"``) of ``(N, s, s)`` masks into ``(N, 4)`` boxes.
+
+    The small per-box work is done for many boxes at once (`_paste_crops`): for
+    typical boxes it costs more than their pixels.
+    """
+    height, width = (int(n) for n in image_size)
+    mask_probs, boxes = np.asarray(mask_probs), np.asarray(boxes, np.float64).reshape(-1, 4)
+    found: list[Any] = []
+    live = []  # (n, row0, row1, col0, col1) of the boxes that reach the image.
+    for n, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        # The box and a pixel around it: pixels whose center lies outside the box stay
+        # below 0.5.
+        row0, row1 = max(math.floor(y1) - 1, 0), min(math.ceil(y2) + 1, height)
+        col0, col1 = max(math.floor(x1) - 1, 0), min(math.ceil(x2) + 1, width)
+        if row0 < row1 and col0 < col1:
+            live.append((n, row0, row1, col0, col1))
+            found.append(None)
+        else:
+            empty = np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), np.uint8)
+            found.append((row0, col0, empty))
+    # Some 2**15 columns at a time, each holding 4 (s + 2) bytes of values.
+    ends = np.cumsum([0] + [col1 - col0 for *_, col0, col1 in live])
+    start = 0
+    while start < len(live):
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] + 2**15, "right")) - 1)
+        n, row0, row1, col0, col1 = (np.array(v) for v in zip(*live[start:stop], strict=True))
+        crops = _paste_crops(mask_probs[n], boxes[n], row0, row1, col0, col1, threshold)
+        for i, r, c, crop in zip(n.tolist(), row0.tolist(), col0.tolist(), crops, strict=True):
+            found[i] = (r, c, crop)
+        start = stop
+    return found
+
+
+def _paste_crops(
+    mask_probs: np.ndarray,
+    boxes: np.ndarray,
+    row0: np.ndarray,
+    row1: np.ndarray,
+    col0: np.ndarray,
+    col1: np.ndarray,
+    threshold: float,
+) -> list[np.ndarray]:
+    """The thresholded pastes of ``(N, s0, s1)`` masks into ``(N, 4)`` boxes at rows
+    ``row0..row1-1`` and columns ``col0..col1-1`` (none empty).
+
+    The bilinear values thresholded (`_pixel_taps`), but for pixels within
+    float32 rounding of ``threshold``, without computing them per pixel: down
+    a column of pixels the value is linear between two rows of mask cells, so
+    it crosses ``threshold`` at most once there. Each column's values are
+    computed at the rows of cells only (float32, as ``paste_masks`` does) and
+    the crossings between them (float64); a pixel is then the state at the
+    row of cells above it, flipped if it lies past the crossing: two copies
+    and a comparison per pixel, where matrix products cost 2 s multiply-adds.
+    """
+    s0, s1 = mask_probs.shape[1:]
+    heights, widths = row1 - row0, col1 - col0
+    boxes = np.asarray(boxes, np.float64)
+    # Rows of all boxes one after another, each in block iy (between cell rows iy and
+    # iy + 1 of the padded mask); keys increase over all rows.
+    iy, fy = _pixel_taps(boxes[:, 1], boxes[:, 3], row0, heights, s0)
+    ix, fx = _pixel_taps(boxes[:, 0], boxes[:, 2], col0, widths, s1)
+    row_box = np.repeat(np.arange(len(boxes)), heights)
+    column_box = np.repeat(np.arange(len(boxes)), widths)
+    stride = s0 + 3  # Keys of box b lie in [b * stride, b * stride + s0 + 1].
+    keys = row_box * stride + iy + fy
+    # The padded masks' values at each column (Wtot, s0 + 2), from its two columns of cells.
+    padded = np.zeros((len(boxes), s1 + 2, s0 + 2), np.float32)
+    padded[:, 1:-1, 1:-1] = mask_probs.transpose(0, 2, 1)
+    padded = padded.reshape(-1, s0 + 2)
+    cells = column_box * (s1 + 2) + ix
+    knots = padded.take(cells + 1, axis=0)
+    left = padded.take(cells, axis=0)
+    knots -= left
+    knots *= fx[:, None].astype(np.float32)
+    knots += left
+    threshold = np.float32(threshold)  # As the float32 products are compared with it.
+    above = knots >= threshold
+    # Blocks whose two rows of cells lie on either side: the first pixel past the crossing.
+    crossing = np.flatnonzero(above[:, :-1] != above[:, 1:])
+    column, block = np.divmod(crossing, s0 + 1)
+    low = knots.take(crossing + column).astype(np.float64)
+    high = knots.take(crossing + column + 1).astype(np.float64)
+    base = column_box[column] * stride + block
+    at = base + (float(threshold) - low) / (high - low)
+    falling = high < low  # Then the crossing itself is still above.
+    at[falling] = np.nextafter(at[falling], np.inf)
+    # Rows from the first row of their block (of their box).
+    block_starts = np.searchsorted(
+        keys, (np.arange(len(boxes)) * stride)[:, None] + np.arange(s0 + 1)
+    ).ravel()
+    local = np.arange(len(keys)) - block_starts[row_box * (s0 + 1) + iy]
+    kind = np.min_scalar_type(local.max() + 1)
+    never = np.iinfo(kind).max
+    flips = np.searchsorted(keys, at) - block_starts[column_box[column] * (s0 + 1) + block]
+    # (s0 + 1, Wtot): per block and column, the state at its upper row of cells and the
+    # first row (from the block's first) where it flips.
+    table = np.full((len(column_box), s0 + 1), never, kind)
+    table.ravel()[crossing] = np.clip(flips, 0, never)
+    table = np.ascontiguousarray(table.T)
+    state = np.ascontiguousarray(above[:, :-1].T).view(np.uint8)
+    local = local.astype(kind)[:, None]
+    flip_rows = np.empty(int((heights * widths).max()), kind)
+    flipped = np.empty(flip_rows.shape, bool)
+    crops = []
+    row_starts, column_starts = np.cumsum(heights) - heights, np.cumsum(widths) - widths
+    for h, w, r, c in zip(
+        heights.tolist(), widths.tolist(), row_starts.tolist(), column_starts.tolist(), strict=True
+    ):
+        index = iy[r : r + h]
+        crop = np.take(state[:, c : c + w], index, axis=0, mode="clip")
+        flip = np.take(
+            table[:, c : c + w], index, axis=0, out=flip_rows[: h * w].reshape(h, w), mode="clip"
+        )
+        crop ^= np.less_equal(flip, local[r : r + h], out=flipped[: h * w].reshape(h, w))
+        crops.append(crop)
+    return crops
+
+
 def paste_region(
     mask_probs: np.ndarray,
     box: Sequence[float],
@@ -156,17 +294,13 @@ def paste_region(
     height, width = (int(n) for n in image_size)
     mask_probs = np.asarray(mask_probs)
     x1, y1, x2, y2 = (float(v) for v in box)
-    if convention == "torchvision":
-        row0, wy = _torchvision_paste_weights(y1, y2, mask_probs.shape[0], height)
-        col0, wx = _torchvision_paste_weights(x1, x2, mask_probs.shape[1], width)
-        row1, col1 = row0 + len(wy), col0 + len(wx)
-    else:
-        # Pixels whose center is more than a pixel outside the box get weight 0.
-        row0, row1 = max(int(np.floor(y1)) - 1, 0), min(int(np.ceil(y2)) + 1, height)
-        col0, col1 = max(int(np.floor(x1)) - 1, 0), min(int(np.ceil(x2)) + 1, width)
-        if row0 < row1 and col0 < col1:
-            wy = _paste_weights(y1, y2, mask_probs.shape[0], row0, row1)
-            wx = _paste_weights(x1, x2, mask_probs.shape[1], col0, col1)
+    if convention != "torchvision":
+        return _paste_regions(
+            mask_probs[None], np.array([[x1, y1, x2, y2]]), image_size, threshold
+        )[0]
+    row0, wy = _torchvision_paste_weights(y1, y2, mask_probs.shape[0], height)
+    col0, wx = _torchvision_paste_weights(x1, x2, mask_probs.shape[1], width)
+    row1, col1 = row0 + len(wy), col0 + len(wx)
     if row0 >= row1 or col0 >= col1:
         return row0, col0, np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), np.uint8)
     # float32, as paste_masks computes on the device (and half the time of float64):
@@ -275,16 +409,16 @@ def detections_in_original(
     inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     keep, boxes, pasted_boxes = keep[inside], boxes[inside], pasted_boxes[inside]
     mask_probs = np.asarray(outputs["mask_probs"])[keep]
+    if mask_paste == "torchvision":
+        pasted = [
+            paste_region(probs, box, (height, width), mask_threshold, convention="torchvision")
+            for probs, box in zip(mask_probs, pasted_boxes, strict=True)
+        ]
+    else:
+        pasted = _paste_regions(mask_probs, pasted_boxes, (height, width), mask_threshold)
     crops = []
     regions = np.zeros((len(keep), 4), np.int64)
-    for n in range(len(keep)):
-        row0, col0, crop = paste_region(
-            mask_probs[n],
-            pasted_boxes[n],
-            (height, width),
-            mask_threshold,
-            convention="torchvision" if mask_paste == "torchvision" else "centers",
-        )
+    for n, (row0, col0, crop) in enumerate(pasted):
         crops.append(crop)
         regions[n] = row0, row0 + crop.shape[0], col0, col0 + crop.shape[1]
     found = {
