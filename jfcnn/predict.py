@@ -629,30 +629,49 @@ def _rle_from_regions(
     Mask ``n`` is ``crops[n]`` at rows ``row0..row1-1`` and columns
     ``col0..col1-1`` (``regions_n4[n]``, as
     `jfcnn.tasks.instance.detections_in_original` returns them) and 0
-    elsewhere. COCO's RLE runs down the columns; the columns outside a
-    region are one run of zeros, so only the region's columns are scanned: a
-    mask costs its box.
+    elsewhere. COCO's RLE runs down the columns; its runs end where a crop's
+    column changes, including from and to the zeros above and below it, so
+    only the crop is scanned (a mask costs its crop, not the image's height);
+    pycocotools compresses the counts of all masks in one call.
     """
     from pycocotools import mask as mask_utils
 
     height, width = (int(n) for n in image_size)
-    rles = []
-    for crop, (row0, row1, col0, col1) in zip(crops, regions_n4.tolist(), strict=True):
-        columns = np.zeros((col1 - col0, height), np.uint8)  # The region's columns, in order.
-        columns[:, row0:row1] = crop.T
-        flat = columns.ravel()
-        # Positions (in column-major order over the image) where the value changes.
-        changes = [np.flatnonzero(flat[1:] != flat[:-1]) + 1 + col0 * height]
-        if flat.size and flat[0]:
-            changes.insert(0, [col0 * height])
-        if flat.size and flat[-1] and col1 < width:
-            changes.append([col1 * height])
-        bounds = np.concatenate([[0], *changes, [height * width]])
-        rle = mask_utils.frPyObjects(
-            {"counts": np.diff(bounds).tolist(), "size": [height, width]}, height, width
+    size = height * width
+    uncompressed = []
+    for crop, (row0, _, col0, _) in zip(crops, regions_n4.tolist(), strict=True):
+        rows, cols = crop.shape
+        if not (rows and cols):
+            uncompressed.append({"counts": [size], "size": [height, width]})
+            continue
+        # Where each column of the crop changes, with a 0 above and below it: (rows + 1, cols).
+        edges = np.empty((rows + 1, cols), bool)
+        np.not_equal(crop[1:], crop[:-1], out=edges[1:rows])
+        np.not_equal(crop[0], 0, out=edges[0])
+        np.not_equal(crop[-1], 0, out=edges[rows])
+        row, changes = np.divmod(np.flatnonzero(edges), cols)
+        # Their positions in the image, column by column (COCO's order).
+        changes += col0
+        changes *= height
+        changes += row
+        changes += row0
+        changes.sort()
+        if rows == height:
+            # A column's end and the next column's start are the same pixel, where two
+            # changes cancel.
+            same = changes[1:] == changes[:-1]
+            keep = np.ones(len(changes), bool)
+            keep[1:][same] = keep[:-1][same] = False
+            changes = changes[keep]
+        if len(changes) and changes[-1] == size:  # Past the image's last pixel: no change.
+            changes = changes[:-1]
+        bounds = np.empty(len(changes) + 2, np.int64)
+        bounds[0], bounds[1:-1], bounds[-1] = 0, changes, size
+        uncompressed.append(
+            {"counts": (bounds[1:] - bounds[:-1]).tolist(), "size": [height, width]}
         )
-        rles.append({"size": rle["size"], "counts": rle["counts"].decode("ascii")})
-    return rles
+    rles = mask_utils.frPyObjects(uncompressed, height, width) if uncompressed else []
+    return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
 def write_outputs(

@@ -507,21 +507,55 @@ def test_detections_reaching_into_the_padding_keep_their_mask_proportions():
     assert columns.min() == 25 and columns.max() == 49 and found["masks"][0][1:-1, 25:50].all()
 
 
-def test_rle_from_regions_is_encode_masks():
+@pytest.mark.parametrize(
+    "height, width, regions",
+    [
+        (
+            23,
+            31,
+            # The whole image; at the left, right, top and bottom edges and corners;
+            # full-height regions (a column's end meets the next one's start); empty ones.
+            [
+                [0, 23, 0, 31],
+                [5, 9, 0, 4],
+                [0, 1, 30, 31],
+                [22, 23, 0, 31],
+                [3, 3, 5, 9],
+                [4, 20, 7, 7],
+                [0, 0, 0, 0],
+                [0, 23, 5, 12],
+                [0, 23, 0, 1],
+                [0, 23, 27, 31],
+                [0, 9, 0, 31],
+                [12, 23, 20, 31],
+                [1, 22, 1, 30],
+            ],
+        ),
+        (1, 1, [[0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 1, 1]]),  # A 1-pixel image.
+        (1, 9, [[0, 1, 0, 9], [0, 1, 3, 5], [0, 1, 8, 9]]),  # One row: every column is full.
+        (9, 1, [[0, 9, 0, 1], [2, 5, 0, 1], [8, 9, 0, 1]]),  # One column.
+    ],
+)
+def test_rle_from_regions_is_encode_masks(height, width, regions):
     rng = np.random.default_rng(1)
-    height, width = 23, 31
-    regions = np.array(
-        [[0, 23, 0, 31], [5, 9, 0, 4], [0, 1, 30, 31], [22, 23, 0, 31], [3, 3, 5, 9], [4, 20, 7, 7]]
-    )
-    masks = np.zeros((2 * len(regions), height, width), np.uint8)
-    for n, (row0, row1, col0, col1) in enumerate(np.concatenate([regions, regions])):
-        # Random pixels, then full regions: runs that start or end at the image's corners.
-        fill = rng.random((row1 - row0, col1 - col0)) < 0.5 if n < len(regions) else 1
-        masks[n, row0:row1, col0:col1] = fill
-    regions = np.concatenate([regions, regions])
+    regions = np.array(regions * 5)
+    masks = np.zeros((len(regions), height, width), np.uint8)
+    num = len(regions) // 5
+    for n, (row0, row1, col0, col1) in enumerate(regions):
+        shape = (row1 - row0, col1 - col0)
+        # Random pixels, all ones, all zeros, stripes across and down: runs that start
+        # or end at the regions' and the image's edges and corners.
+        masks[n, row0:row1, col0:col1] = [
+            rng.random(shape) < 0.5,
+            np.ones(shape),
+            np.zeros(shape),
+            np.indices(shape)[0] % 2,
+            np.indices(shape)[1] % 2,
+        ][n // num]
     crops = [m[r0:r1, c0:c1] for m, (r0, r1, c0, c1) in zip(masks, regions, strict=True)]
     got = predict._rle_from_regions(crops, regions, (height, width))
     assert got == instance.encode_masks(masks)
+    assert predict._rle_from_regions([], np.zeros((0, 4), np.int64), (height, width)) == []
 
 
 @pytest.mark.parametrize("deflate", ["installed", "zlib"])
