@@ -173,11 +173,12 @@ def _paste_regions(
         else:
             empty = np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), np.uint8)
             found.append((row0, col0, empty))
-    # Some 2**15 columns at a time, each holding 4 (s + 2) bytes of values.
-    ends = np.cumsum([0] + [col1 - col0 for *_, col0, col1 in live])
+    # Boxes of some 2**13 rows and columns at a time (a column holds 4 (s + 2) bytes of
+    # values): larger temporary arrays, allocated and freed per call, were slower.
+    ends = np.cumsum([0] + [row1 - row0 + col1 - col0 for _, row0, row1, col0, col1 in live])
     start = 0
     while start < len(live):
-        stop = max(start + 1, int(np.searchsorted(ends, ends[start] + 2**15, "right")) - 1)
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] + 2**13, "right")) - 1)
         n, row0, row1, col0, col1 = (np.array(v) for v in zip(*live[start:stop], strict=True))
         crops = _paste_crops(mask_probs[n], boxes[n], row0, row1, col0, col1, threshold)
         for i, r, c, crop in zip(n.tolist(), row0.tolist(), col0.tolist(), crops, strict=True):
