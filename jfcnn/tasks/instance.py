@@ -219,7 +219,8 @@ def _paste_crops(
     column_box = np.repeat(np.arange(len(boxes)), widths)
     stride = s0 + 3  # Keys of box b lie in [b * stride, b * stride + s0 + 1].
     keys = row_box * stride + iy + fy
-    # The padded masks' values at each column (Wtot, s0 + 2), from its two columns of cells.
+    # The padded masks' values down each column at the rows of cells, (columns of all
+    # boxes, s0 + 2), from the two columns of cells around it.
     padded = np.zeros((len(boxes), s1 + 2, s0 + 2), np.float32)
     padded[:, 1:-1, 1:-1] = mask_probs.transpose(0, 2, 1)
     padded = padded.reshape(-1, s0 + 2)
@@ -231,7 +232,8 @@ def _paste_crops(
     knots += left
     threshold = np.float32(threshold)  # As the float32 products are compared with it.
     above = knots >= threshold
-    # Blocks whose two rows of cells lie on either side: the first pixel past the crossing.
+    # Blocks whose two rows of cells lie on either side of the threshold; where, as a key,
+    # the value crosses it.
     crossing = np.flatnonzero(above[:, :-1] != above[:, 1:])
     column, block = np.divmod(crossing, s0 + 1)
     low = knots.take(crossing + column).astype(np.float64)
@@ -240,7 +242,7 @@ def _paste_crops(
     at = base + (float(threshold) - low) / (high - low)
     falling = high < low  # Then the crossing itself is still above.
     at[falling] = np.nextafter(at[falling], np.inf)
-    # Rows from the first row of their block (of their box).
+    # Each row's index from the first row of its block (in its box).
     block_starts = np.searchsorted(
         keys, (np.arange(len(boxes)) * stride)[:, None] + np.arange(s0 + 1)
     ).ravel()
@@ -248,8 +250,8 @@ def _paste_crops(
     kind = np.min_scalar_type(local.max() + 1)
     never = np.iinfo(kind).max
     flips = np.searchsorted(keys, at) - block_starts[column_box[column] * (s0 + 1) + block]
-    # (s0 + 1, Wtot): per block and column, the state at its upper row of cells and the
-    # first row (from the block's first) where it flips.
+    # Per block and column, (s0 + 1, columns of all boxes): the state at the upper row of
+    # cells, and the first row (from the block's first) where it flips.
     table = np.full((len(column_box), s0 + 1), never, kind)
     table.ravel()[crossing] = np.clip(flips, 0, never)
     table = np.ascontiguousarray(table.T)
