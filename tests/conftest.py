@@ -149,21 +149,29 @@ def runner(shapes_data_dir) -> Runner:
     return Runner(shapes_data_dir)
 
 
-# The files that take minutes, longest first. xdist's ``--dist=loadfile`` hands
-# whole files to the workers in collection order, which puts tests/train (the
-# longest) last: one worker then ran a long file alone while the other idled.
+# The files that take minutes, longest first (their summed test times in a CI
+# run on 2 cores). xdist's ``--dist=loadfile`` hands whole files to the workers in
+# collection order (``--no-loadscope-reorder`` in pyproject.toml: by default it
+# reorders files by their number of tests, which put the one-test
+# test_convert_evaluate.py, three minutes, last, alone, with two workers idle).
 # Starting with the longest lets the short files fill the gaps at the end.
 LONGEST_FIRST = (
     "train/test_multihost.py",
+    "train/test_train.py",
     "train/test_instance.py",
     "test_finetune.py",
-    "train/test_train.py",
-    "train/test_parallel.py",
-    "test_architecture.py",
     "train/test_multihost_maskrcnn.py",
-    "test_notebooks.py",
     "test_convert_evaluate.py",
+    "test_convert_parity.py",
     "test_pretrained_training.py",
+    "train/test_parallel.py",
+    "ops/test_roi_align.py",
+    "models/test_maskrcnn.py",
+    "reliability/test_signals.py",
+    "test_notebooks.py",
+    "ops/test_roi_align_reliability.py",
+    "test_predict.py",
+    "tasks/test_coco_json_eval.py",
 )
 
 
