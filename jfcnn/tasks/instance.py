@@ -153,7 +153,7 @@ def _pixel_taps(
 def _paste_regions(
     mask_probs: np.ndarray, boxes: np.ndarray, image_size: Sequence[int], threshold: float
 ) -> list[tuple[int, int, np.ndarray]]:
-    """`paste_region` (``convention="centers"``) of ``(N, s, s)`` masks into ``(N, 4)`` boxes.
+    """`paste_region` (``convention="centers"``) of ``(N, s0, s1)`` masks into ``(N, 4)`` boxes.
 
     The small per-box work is done for many boxes at once (`_paste_crops`): for
     typical boxes it costs more than their pixels.
@@ -164,7 +164,8 @@ def _paste_regions(
     live = []  # (n, row0, row1, col0, col1) of the boxes that reach the image.
     for n, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
         # The box and a pixel around it: pixels whose center lies outside the box stay
-        # below 0.5.
+        # below 0.5 (probabilities in [0, 1]), so this holds the whole paste for a
+        # threshold of 0.5 or more (predict and evaluation use 0.5).
         row0, row1 = max(math.floor(y1) - 1, 0), min(math.ceil(y2) + 1, height)
         col0, col1 = max(math.floor(x1) - 1, 0), min(math.ceil(x2) + 1, width)
         if row0 < row1 and col0 < col1:
@@ -175,10 +176,11 @@ def _paste_regions(
             found.append((row0, col0, empty))
     # Boxes of some 2**13 rows and columns at a time (a column holds 4 (s + 2) bytes of
     # values): larger temporary arrays, allocated and freed per call, were slower.
-    ends = np.cumsum([0] + [row1 - row0 + col1 - col0 for _, row0, row1, col0, col1 in live])
+    cumulative = np.cumsum([0] + [row1 - row0 + col1 - col0 for _, row0, row1, col0, col1 in live])
     start = 0
     while start < len(live):
-        stop = max(start + 1, int(np.searchsorted(ends, ends[start] + 2**13, "right")) - 1)
+        group_end = np.searchsorted(cumulative, cumulative[start] + 2**13, "right")
+        stop = max(start + 1, int(group_end) - 1)
         n, row0, row1, col0, col1 = (np.array(v) for v in zip(*live[start:stop], strict=True))
         crops = _paste_crops(mask_probs[n], boxes[n], row0, row1, col0, col1, threshold)
         for i, r, c, crop in zip(n.tolist(), row0.tolist(), col0.tolist(), crops, strict=True):
@@ -217,7 +219,9 @@ def _paste_crops(
     ix, fx = _pixel_taps(boxes[:, 0], boxes[:, 2], col0, widths, s1)
     row_box = np.repeat(np.arange(len(boxes)), heights)
     column_box = np.repeat(np.arange(len(boxes)), widths)
-    stride = s0 + 3  # Keys of box b lie in [b * stride, b * stride + s0 + 1].
+    # Keys of box b lie in [b * stride, b * stride + s0 + 1]: the gap of one keeps a
+    # crossing at the end of a box's last block from reaching the next box's rows.
+    stride = s0 + 3
     keys = row_box * stride + iy + fy
     # The padded masks' values down each column at the rows of cells, (columns of all
     # boxes, s0 + 2), from the two columns of cells around it.
@@ -236,28 +240,30 @@ def _paste_crops(
     # the value crosses it.
     crossing = np.flatnonzero(above[:, :-1] != above[:, 1:])
     column, block = np.divmod(crossing, s0 + 1)
-    low = knots.take(crossing + column).astype(np.float64)
-    high = knots.take(crossing + column + 1).astype(np.float64)
+    upper = knots.take(crossing + column).astype(np.float64)  # At the block's first row.
+    lower = knots.take(crossing + column + 1).astype(np.float64)  # At its last.
     base = column_box[column] * stride + block
-    at = base + (float(threshold) - low) / (high - low)
-    falling = high < low  # Then the crossing itself is still above.
+    at = base + (float(threshold) - upper) / (lower - upper)
+    # Rows from `at` on flip. Falling (upper above, lower below), a row exactly at the
+    # crossing is still above: it flips only past it.
+    falling = lower < upper
     at[falling] = np.nextafter(at[falling], np.inf)
     # Each row's index from the first row of its block (in its box).
     block_starts = np.searchsorted(
         keys, (np.arange(len(boxes)) * stride)[:, None] + np.arange(s0 + 1)
     ).ravel()
     local = np.arange(len(keys)) - block_starts[row_box * (s0 + 1) + iy]
-    kind = np.min_scalar_type(local.max() + 1)
-    never = np.iinfo(kind).max
+    index_dtype = np.min_scalar_type(local.max() + 1)
+    no_flip = np.iinfo(index_dtype).max
     flips = np.searchsorted(keys, at) - block_starts[column_box[column] * (s0 + 1) + block]
     # Per block and column, (s0 + 1, columns of all boxes): the state at the upper row of
     # cells, and the first row (from the block's first) where it flips.
-    table = np.full((len(column_box), s0 + 1), never, kind)
-    table.ravel()[crossing] = np.clip(flips, 0, never)
+    table = np.full((len(column_box), s0 + 1), no_flip, index_dtype)
+    table.ravel()[crossing] = np.clip(flips, 0, no_flip)
     table = np.ascontiguousarray(table.T)
     state = np.ascontiguousarray(above[:, :-1].T).view(np.uint8)
-    local = local.astype(kind)[:, None]
-    flip_rows = np.empty(int((heights * widths).max()), kind)
+    local = local.astype(index_dtype)[:, None]
+    flip_rows = np.empty(int((heights * widths).max()), index_dtype)
     flipped = np.empty(flip_rows.shape, bool)
     crops = []
     row_starts, column_starts = np.cumsum(heights) - heights, np.cumsum(widths) - widths
