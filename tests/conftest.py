@@ -152,8 +152,8 @@ def runner(shapes_data_dir) -> Runner:
 # The files that take minutes, longest first (their summed test times in a CI
 # run on 2 cores). xdist's ``--dist=loadfile`` hands whole files to the workers in
 # collection order (``--no-loadscope-reorder`` in pyproject.toml: by default it
-# reorders files by their number of tests, which put the one-test
-# test_convert_evaluate.py, three minutes, last, alone, with two workers idle).
+# reorders files by their number of tests, which put test_convert_evaluate.py
+# (two tests on one three-minute fixture) last, alone, with two workers idle).
 # Starting with the longest lets the short files fill the gaps at the end.
 LONGEST_FIRST = (
     "train/test_multihost.py",
