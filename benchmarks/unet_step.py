@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from functools import partial
@@ -251,12 +252,23 @@ def flops_of(compiled) -> float | None:
     return float(analysis["flops"])
 
 
-def time_steps(run_one, sync, steps: int) -> float:
+def time_steps(run_one, sync, steps: int, faults: list | None = None) -> float:
+    """Seconds for ``steps`` steps; appends (page faults, system CPU s) per step to ``faults``."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for _ in range(steps):
         run_one()
     sync()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if faults is not None:
+        faults.append(
+            (
+                (after.ru_minflt - before.ru_minflt) / steps,
+                (after.ru_stime - before.ru_stime) / steps,
+            )
+        )
+    return seconds
 
 
 def time_input_pipeline(args) -> tuple[float | None, str]:
@@ -362,11 +374,14 @@ def main(argv=None) -> None:
         for _ in range(args.warmup):
             torch_one()
     jax_times, torch_times = [], {threads: [] for threads in thread_counts}
+    jax_faults, torch_faults = [], {threads: [] for threads in thread_counts}
     for _ in range(args.repeats):
-        jax_times.append(time_steps(jax_one, jax_sync, args.steps))
+        jax_times.append(time_steps(jax_one, jax_sync, args.steps, jax_faults))
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            torch_times[threads].append(time_steps(torch_one, lambda: None, args.steps))
+            torch_times[threads].append(
+                time_steps(torch_one, lambda: None, args.steps, torch_faults[threads])
+            )
     torch.set_num_threads(default_threads)
 
     per_repeat = args.steps * args.batch_size
@@ -376,43 +391,59 @@ def main(argv=None) -> None:
     torch_ips = torch_ips_by_threads[best_threads]
     step_s = statistics.median(jax_times) / args.steps
 
+    # Settings that change the step's speed, as set for this run.
+    settings = [name for name in ("XLA_FLAGS", "GLIBC_TUNABLES") if name in os.environ]
+    environment = "".join(f", {name}={os.environ[name]}" for name in settings)
     print(
         f"U-Net train step: batch {args.batch_size}, {args.image_size}x{args.image_size}x"
         f"{args.channels}, {args.num_classes} classes, depth {args.depth}, base width "
         f"{args.base_width}, norm {args.norm}, jfcnn dtype {args.dtype}; {args.repeats} "
         f"interleaved repeats x {args.steps} steps; jax {jax.__version__} on "
         f"{len(jax.devices())} {jax.devices()[0].platform} device(s) ({os.cpu_count()} cores"
-        f"{', XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''}), "
+        f"{environment}), "
         f"torch {torch.__version__}"
         f"{' channels_last' if args.torch_channels_last else ''}; ratios are to the fastest "
         f"PyTorch row."
     )
     print()
-    print("| | images/s (median) | min..max images/s | ratio to PyTorch |")
-    print("|---|---|---|---|")
-    rows = [("jfcnn (jit)", jax_times)]
-    rows += [(f"PyTorch, {t} thread{'s' * (t > 1)}", torch_times[t]) for t in thread_counts]
-    for name, times in rows:
+    # Page faults and the kernel's CPU time per step: memory the step's allocator
+    # maps afresh each step is faulted in page by page (README, U-Net benchmark).
+    print(
+        "| | images/s (median) | min..max images/s | ratio to PyTorch | page faults per step "
+        "| system CPU ms per step |"
+    )
+    print("|---|---|---|---|---|---|")
+    rows = [("jfcnn (jit)", jax_times, jax_faults)]
+    rows += [
+        (f"PyTorch, {t} thread{'s' * (t > 1)}", torch_times[t], torch_faults[t])
+        for t in thread_counts
+    ]
+    for name, times, faults in rows:
         ips = per_repeat / statistics.median(times)
         lo, hi = per_repeat / max(times), per_repeat / min(times)
-        print(f"| {name} | {ips:.1f} | {lo:.1f}..{hi:.1f} | {ips / torch_ips:.2f}x |")
+        page_faults = statistics.median(f for f, _ in faults)
+        system_ms = statistics.median(s for _, s in faults) * 1e3
+        print(
+            f"| {name} | {ips:.1f} | {lo:.1f}..{hi:.1f} | {ips / torch_ips:.2f}x | "
+            f"{page_faults:.0f} | {system_ms:.1f} |"
+        )
     if flops is not None:
         print(
             f"| jfcnn FLOP/s | {flops / step_s / 1e9:.1f} GFLOP/s | {flops / 1e9:.2f} GFLOP "
-            f"per step (XLA cost analysis) | |"
+            f"per step (XLA cost analysis) | | | |"
         )
-    print(f"| jfcnn init + compile | {compile_s:.1f} s | | |")
+    print(f"| jfcnn init + compile | {compile_s:.1f} s | | | | |")
     if args.data:
         try:
             data_ips, note = time_input_pipeline(args)
         except Exception as error:  # the pipeline is optional here; report, do not fail
             data_ips, note = None, f"skipped: {type(error).__name__}: {error}"
         if data_ips is None:
-            print(f"| input pipeline | {note} | | |")
+            print(f"| input pipeline | {note} | | | | |")
         else:
             print(
                 f"| input pipeline (jfcnn.data) | {data_ips:.1f} | {note} | "
-                f"{data_ips / jax_ips:.1f}x jfcnn step |"
+                f"{data_ips / jax_ips:.1f}x jfcnn step | | |"
             )
     print()
     ratios = ", ".join(
