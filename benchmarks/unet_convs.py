@@ -114,10 +114,15 @@ def torch_passes():
     return {"forward": forward, "input grad": grad("x"), "filter grad": grad("w")}
 
 
-def xla_library(jitted, *args) -> str:
-    """``"YNNPACK"`` if XLA compiled ``jitted`` to a YNNPACK fusion, else ``"Eigen"``."""
-    text = jitted.lower(*args).compile().as_text()
-    return "YNNPACK" if "__ynn_fusion" in text else "Eigen"
+def torch_inputs(x, w, dy):
+    """NHWC maps and an HWIO filter (NumPy) as PyTorch's NCHW ``channels_last`` and OIHW."""
+    import torch
+
+    def maps(a):
+        nchw = torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+        return nchw.contiguous(memory_format=torch.channels_last)
+
+    return maps(x), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), maps(dy)
 
 
 def time_ms(fn, sync) -> float:
@@ -154,19 +159,17 @@ def main(argv=None) -> None:
         w = rng.standard_normal((3, 3, cin, cout), np.float32) * (2 / (9 * cin)) ** 0.5
         dy = rng.standard_normal((args.batch_size, size, size, cout), np.float32)
         jax_args = [jax.numpy.asarray(a) for a in (x, w, dy)]
-        to_torch = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).contiguous(  # noqa: E731
-            memory_format=torch.channels_last
-        )
-        torch_args = (to_torch(x), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), to_torch(dy))
+        torch_args = torch_inputs(x, w, dy)
         for name, jitted in jax_fns.items():
             if name == "input grad" and cin == args.channels and size == args.image_size:
                 continue  # the images need no gradient
-            library = xla_library(jitted, *jax_args)
+            compiled = jitted.lower(*jax_args).compile()  # timed below: compiled once
+            library = "YNNPACK" if "__ynn_fusion" in compiled.as_text() else "Eigen"
             torch_fn = torch_fns[name](*torch_args)
-            for _ in range(2):  # warm-up (and compilation)
-                jax.block_until_ready(jitted(*jax_args))
+            for _ in range(2):  # warm-up
+                jax.block_until_ready(compiled(*jax_args))
                 torch_fn()
-            jax_fn = partial(jitted, *jax_args)
+            jax_fn = partial(compiled, *jax_args)
             jax_ms, torch_ms = [], []
             for _ in range(args.repeats):
                 jax_ms.append(time_ms(jax_fn, jax.block_until_ready))

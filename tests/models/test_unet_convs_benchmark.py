@@ -51,16 +51,13 @@ def test_lists_the_unets_3x3_convolutions(depth, base_width, channels):
 
 
 def test_jax_and_torch_passes_compute_the_same_values():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     bench = _load_benchmark()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 6, 5, 3), np.float32)
     w = rng.standard_normal((3, 3, 3, 4), np.float32)
     dy = rng.standard_normal((2, 6, 5, 4), np.float32)
-    to_torch = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).contiguous(  # noqa: E731
-        memory_format=torch.channels_last
-    )
-    torch_args = (to_torch(x), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), to_torch(dy))
+    torch_args = bench.torch_inputs(x, w, dy)
     jax_fns, torch_fns = bench.jax_passes(), bench.torch_passes()
     # Each torch output back to the JAX layout: NCHW -> NHWC maps, OIHW -> HWIO filters.
     layouts = {"forward": (0, 2, 3, 1), "input grad": (0, 2, 3, 1), "filter grad": (2, 3, 1, 0)}
